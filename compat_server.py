@@ -1,0 +1,515 @@
+"""llama-compat: Anthropic's Messages API over HTTP, served by one local llama.cpp model.
+
+Contract: this module owns the socket, HTTP/1.1 framing (keep-alive, chunked bodies both ways), auth,
+routing, the access log, and writing JSON and SSE; it turns every failure into an Anthropic-shaped
+error with the right status, and nothing internal (paths, tracebacks) ever reaches a client. It never
+imports llama_cpp: the protocol rules live in `protocol.py`, the model in `engine.py`.
+
+Run `python compat_server.py --help` for the flags.
+"""
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import protocol
+from engine import ClientGone, Engine, ModelLoadError, sampling_for
+from protocol import ApiError, MessageAssembler, new_id
+
+log = logging.getLogger("llama-compat")
+
+# Seconds a client may take to send a request line, headers or a body chunk before it is dropped, so
+# slow or silent clients cannot hold a thread forever (also the idle keep-alive limit).
+SOCKET_TIMEOUT = 60
+# Seconds of silence after which a stream gets a `ping` (Anthropic sends them; proxies time out on
+# silence, and the SDKs skip them).
+PING_INTERVAL = 5.0
+# Open connections served at once; past it a connection is answered 529 and closed.
+MAX_CONNECTIONS = 64
+# Seconds that in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.
+SHUTDOWN_GRACE = 10.0
+# Epoch creation date: the API allows it when a model's release date is unknown.
+MODEL_CREATED_AT = "1970-01-01T00:00:00Z"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    host: str
+    port: int
+    ctx: int
+    threads: int
+    api_key: str
+    model_name: str
+    max_queue: int
+    cors: str
+
+
+def parse_config(argv=None, environ=os.environ):
+    """Flags, each falling back to an environment variable, then to the default shown in --help."""
+    def env(name, default):
+        return environ.get("LLAMA_COMPAT_" + name, default)
+
+    p = argparse.ArgumentParser(
+        prog="compat_server.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve Anthropic's Messages API from one local GGUF model. Each flag can also be "
+                    "set by the environment variable LLAMA_COMPAT_<FLAG> (e.g. LLAMA_COMPAT_PORT).")
+    p.add_argument("--model", default=env("MODEL", ""),
+                   help="path to a GGUF model; empty means the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to bind")
+    p.add_argument("--port", type=int, default=int(env("PORT", "1234")), help="port to bind (0: any free)")
+    p.add_argument("--ctx", type=int, default=int(env("CTX", "8192")), help="context size in tokens")
+    p.add_argument("--threads", type=int, default=int(env("THREADS", "0")),
+                   help="CPU threads for llama.cpp (0: all cores)")
+    p.add_argument("--api-key", default=env("API_KEY", ""),
+                   help="require this key as x-api-key or Authorization: Bearer (empty: no auth)")
+    p.add_argument("--model-name", default=env("MODEL_NAME", ""),
+                   help="model id shown by /v1/models (empty: from the GGUF's metadata)")
+    p.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", "16")),
+                   help="requests that may wait for the model; more get 529 overloaded_error")
+    p.add_argument("--cors", default=env("CORS", ""),
+                   help="allow browser requests from this origin (empty: CORS off)")
+    a = p.parse_args(argv)
+    if a.ctx < 16 or a.max_queue < 0 or a.threads < 0 or not 0 <= a.port <= 65535:
+        p.error("--ctx must be >= 16, --port 0-65535, --max-queue and --threads >= 0")
+    return Config(model=a.model, host=a.host, port=a.port, ctx=a.ctx, threads=a.threads, api_key=a.api_key,
+                  model_name=a.model_name, max_queue=a.max_queue, cors=a.cors)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure helpers: auth, models, chunked bodies
+# ---------------------------------------------------------------------------------------------------
+
+def check_auth(headers, api_key):
+    """Either x-api-key or a Bearer token may carry the key (Claude Code can send both)."""
+    if not api_key:
+        return
+    offered = [headers.get("x-api-key") or ""]
+    bearer = headers.get("authorization") or ""
+    if bearer[:7].lower() == "bearer ":
+        offered.append(bearer[7:].strip())
+    expected = api_key.encode()
+    # compare_digest on every candidate: the time taken does not depend on where a key differs
+    if not any([hmac.compare_digest(o.encode(), expected) for o in offered]):
+        raise ApiError(401, "authentication_error", "invalid x-api-key")
+
+
+def model_info(engine):
+    return {"type": "model", "id": engine.model_name, "display_name": engine.display_name,
+            "created_at": MODEL_CREATED_AT, "max_input_tokens": engine.n_ctx, "max_tokens": engine.n_ctx,
+            # OpenAI's names alongside, so OpenAI-style clients can list the model too
+            "object": "model", "created": 0, "owned_by": "llama-compat"}
+
+
+def list_models(engine, query):
+    params = parse_qs(query)
+    limit = params.get("limit", ["20"])[-1]
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        raise protocol.invalid("limit: Input should be between 1 and 1000")
+    info = model_info(engine)
+    after, before = params.get("after_id", [None])[-1], params.get("before_id", [None])[-1]
+    data = [] if engine.model_name in (after, before) else [info]
+    first = data[0]["id"] if data else None
+    return {"data": data, "has_more": False, "first_id": first, "last_id": first, "object": "list"}
+
+
+def read_chunked(rfile, limit):
+    """A chunked request body (RFC 9112 §7.1), refusing it once it grows past `limit`."""
+    body = bytearray()
+    while True:
+        line = rfile.readline(1024)
+        try:
+            size = int(line.split(b";")[0].strip(), 16)
+        except ValueError:
+            raise protocol.invalid("malformed chunked request body") from None
+        if size == 0:
+            while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass  # trailers are ignored
+            return bytes(body)
+        if len(body) + size > limit:
+            raise ApiError(413, "request_too_large", "Request exceeds the maximum allowed number of bytes")
+        chunk = rfile.read(size)
+        if len(chunk) != size or rfile.readline(3) not in (b"\r\n", b"\n"):
+            raise protocol.invalid("malformed chunked request body")
+        body += chunk
+
+
+def peer_closed(sock):
+    """True when the client has closed its end: readable with nothing to read (or reset)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------------
+
+class SseWriter:
+    """Writes SSE frames as HTTP chunks, and a `ping` after PING_INTERVAL seconds of silence.
+
+    A write that fails marks the stream broken: the client has left and the request is cancelled.
+    The lock keeps the heartbeat thread's pings from interleaving with event frames.
+    """
+
+    def __init__(self, wfile):
+        self._wfile = wfile
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self.broken = False
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+
+    def send(self, data):
+        with self._lock:
+            if self.broken or not data:
+                return
+            try:
+                self._wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            except OSError:
+                self.broken = True
+            self._last = time.monotonic()
+
+    def _heartbeat(self):
+        while not self._done.wait(0.5):
+            if time.monotonic() - self._last >= PING_INTERVAL:
+                self.send(protocol.PING_FRAME)
+
+    def close(self):
+        """Stop the heartbeat and end the chunked body."""
+        self._done.set()
+        self._thread.join()
+        with self._lock:
+            if not self.broken:
+                try:
+                    self._wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    self.broken = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------------------
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "llama-compat"
+    timeout = SOCKET_TIMEOUT
+
+    # --- dispatch: every request, whatever happens, ends in exactly one response -------------------
+
+    def handle_one_request(self):
+        self.request_id = new_id("req_")
+        self.started = time.monotonic()
+        self.status = None
+        super().handle_one_request()
+
+    def do_GET(self):
+        self._dispatch()
+
+    def do_HEAD(self):
+        self._dispatch()
+
+    def do_POST(self):
+        self._dispatch()
+
+    def do_OPTIONS(self):
+        self._dispatch()
+
+    do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def _dispatch(self):
+        self.server.count_request(+1)
+        try:
+            self._route()
+        except ApiError as exc:
+            self._send_api_error(exc)
+        except (ClientGone, ConnectionError):
+            self.close_connection = True
+            log.info("%s: client disconnected", self.request_id)
+        except Exception:
+            log.exception("%s: unexpected error", self.request_id)
+            self._send_api_error(ApiError(500, "api_error", "Internal server error",
+                                          headers=[("x-should-retry", "false")]))
+        finally:
+            self.server.count_request(-1)
+            self._log_access()
+
+    def _route(self):
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
+        routes = {"/": ("GET", "HEAD"), "/v1/models": ("GET",), "/v1/messages": ("POST",),
+                  "/v1/messages/count_tokens": ("POST",)}
+        allowed = routes.get(path, ("GET",) if path.startswith("/v1/models/") else None)
+        if allowed is None:
+            raise ApiError(404, "not_found_error", f"Not found: {self.command} {path}")
+        if self.command == "OPTIONS" and self.server.config.cors:
+            return self._send_json(204, None)
+        if self.command not in allowed:
+            raise ApiError(405, "invalid_request_error", f"Method {self.command} not allowed for {path}",
+                           headers=[("allow", ", ".join(allowed))])
+        if path == "/":
+            return self._send_json(200, {"status": "ok"})
+        check_auth(self.headers, self.server.config.api_key)
+        engine = self.server.engine
+        if path == "/v1/models":
+            return self._send_json(200, list_models(engine, url.query))
+        if path.startswith("/v1/models/"):
+            if path[len("/v1/models/"):] != engine.model_name:
+                raise ApiError(404, "not_found_error", f"model: {path[len('/v1/models/'):]}")
+            return self._send_json(200, model_info(engine))
+        body = protocol.decode_json_body(self._read_body())
+        if path == "/v1/messages/count_tokens":
+            request = protocol.parse_messages_request(body, count_only=True)
+            return self._send_json(200, {"input_tokens": engine.count_tokens(request)})
+        return self._messages(protocol.parse_messages_request(body))
+
+    # --- /v1/messages -----------------------------------------------------------------------------
+
+    def _messages(self, request):
+        engine = self.server.engine
+        prompt = engine.prepare(request)  # a 400 for a prompt that does not fit comes before any byte
+        sampling = sampling_for(request)
+        with engine.reserve() as ticket:  # 529 when the queue is full, also before any byte
+            assembler = MessageAssembler(new_id("msg_"), request.model, len(prompt.tokens))
+            if not request.stream:
+                events = engine.generate(ticket, prompt, sampling, self._client_gone)
+                for event in events:
+                    assembler.feed(event)
+                return self._send_json(200, assembler.message)
+            self._stream(assembler, engine.generate(ticket, prompt, sampling, self._client_gone))
+
+    def _client_gone(self):
+        return self.server.cancel_all.is_set() or getattr(self, "_sse", None) is not None and (
+            self._sse.broken) or peer_closed(self.connection)
+
+    def _stream(self, assembler, events):
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self._common_headers()
+        self.end_headers()
+        self._sse = sse = SseWriter(self.wfile)
+        try:
+            for data in assembler.start():
+                sse.send(protocol.sse_frame(data))
+            for event in events:
+                for data in assembler.feed(event):
+                    sse.send(protocol.sse_frame(data))
+        except Exception as exc:
+            self.close_connection = True
+            if not isinstance(exc, ClientGone):
+                log.exception("%s: failed mid-stream", self.request_id)
+                error = {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}
+                sse.send(protocol.sse_frame(error))
+        finally:
+            events.close()
+            sse.close()
+            if sse.broken:
+                self.close_connection = True
+                log.info("%s: client disconnected mid-stream", self.request_id)
+
+    # --- bodies and responses ---------------------------------------------------------------------
+
+    def _read_body(self):
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            return read_chunked(self.rfile, protocol.MAX_BODY_BYTES)
+        length = self.headers.get("content-length")
+        if length is None:
+            raise ApiError(411, "invalid_request_error", "Content-Length or chunked Transfer-Encoding required")
+        if not length.isdigit():
+            raise protocol.invalid("Content-Length is not a number")
+        if int(length) > protocol.MAX_BODY_BYTES:
+            # refused without reading; the unread body makes this connection unusable
+            self.close_connection = True
+            raise ApiError(413, "request_too_large", "Request exceeds the maximum allowed number of bytes")
+        body = self.rfile.read(int(length))
+        if len(body) != int(length):
+            self.close_connection = True
+            raise protocol.invalid("request body ended before Content-Length bytes")
+        return body
+
+    def _common_headers(self):
+        self.send_header("request-id", self.request_id)
+        cors = self.server.config.cors
+        if cors:
+            self.send_header("access-control-allow-origin", cors)
+            self.send_header("access-control-allow-headers", "*")
+            self.send_header("access-control-allow-methods", "GET, POST, OPTIONS")
+        if self.close_connection:
+            self.send_header("connection", "close")
+
+    def _send_json(self, status, payload, headers=()):
+        body = b"" if payload is None else json.dumps(payload).encode()
+        self.send_response(status)
+        if payload is not None:
+            self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self._common_headers()
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_api_error(self, exc):
+        if self.status is not None:
+            return  # headers already went out; a stream reports its failure in-band
+        self._send_json(exc.status, protocol.error_body(exc.error_type, exc.message, self.request_id),
+                        exc.headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's own errors (bad request line, oversized headers, 501) in Anthropic's shape."""
+        if not hasattr(self, "request_id"):
+            self.request_id, self.started, self.status = new_id("req_"), time.monotonic(), None
+        kinds = {404: "not_found_error", 413: "request_too_large", 500: "api_error"}
+        self.close_connection = True
+        self._send_api_error(ApiError(code, kinds.get(code, "invalid_request_error"),
+                                      message or self.responses.get(code, ("Error",))[0]))
+        self._log_access()
+
+    def version_string(self):
+        return self.server_version
+
+    def send_response(self, code, message=None):
+        self.status = code
+        super().send_response(code, message)
+
+    def log_request(self, code="-", size="-"):
+        pass  # one line per request is written by _log_access, with timing and the request id
+
+    def log_message(self, format, *args):
+        log.info("%s %s", self.address_string(), format % args)
+
+    def _log_access(self):
+        log.info('%s "%s %s" %s %.3fs %s', self.client_address[0], self.command, self.path, self.status,
+                 time.monotonic() - self.started, self.request_id)
+
+
+class Server(ThreadingHTTPServer):
+    """Process state: config, the engine, the connection cap and the shutdown switch."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, config, engine):
+        super().__init__((config.host, config.port), Handler)
+        self.config = config
+        self.engine = engine
+        self.cancel_all = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
+
+    def count_request(self, delta):
+        with self._count_lock:
+            self._in_flight += delta
+
+    def busy(self):
+        with self._count_lock:
+            return self._in_flight > 0
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            _refuse_connection(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
+def _refuse_connection(sock):
+    body = json.dumps(protocol.error_body("overloaded_error", "Too many open connections",
+                                          new_id("req_"))).encode()
+    try:
+        sock.sendall(b"HTTP/1.1 529 Overloaded\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Process
+# ---------------------------------------------------------------------------------------------------
+
+def _is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _stop_on_signal(server):
+    """SIGTERM/SIGINT: stop accepting, give in-flight requests SHUTDOWN_GRACE seconds, then cancel."""
+    def stop(signum, frame):
+        log.info("signal %d: no longer accepting; finishing in-flight requests", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def _drain(server):
+    deadline = time.monotonic() + SHUTDOWN_GRACE
+    while server.busy() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.cancel_all.set()
+    while server.busy() and time.monotonic() < deadline + 2:
+        time.sleep(0.05)
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not _is_loopback(config.host) and not config.api_key:
+        log.warning("!!! binding %s without --api-key: anyone who can reach this port can use the model !!!",
+                    config.host)
+    try:
+        engine = Engine(config.model or None, n_ctx=config.ctx, n_threads=config.threads or None,
+                        max_queue=config.max_queue, model_name=config.model_name or None)
+    except ModelLoadError as exc:
+        print(f"llama-compat: {exc}", file=sys.stderr)
+        return 1
+    try:
+        server = Server(config, engine)
+    except OSError as exc:
+        print(f"llama-compat: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    _stop_on_signal(server)
+    host, port = server.server_address[:2]
+    log.info("serving %s (context %d) at http://%s:%d", engine.model_name, engine.n_ctx, host, port)
+    server.serve_forever()
+    server.server_close()
+    _drain(server)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,575 @@
+"""The Anthropic Messages protocol, sans I/O.
+
+Contract: wire JSON (already decoded into Python values) goes in, frozen dataclasses come out, and
+engine events go in, response JSON and SSE frames come out. Every client mistake is raised as the one
+error type, `ApiError`, whose message names the offending field the way the real API does
+(`messages.0.content.1.type: ...`). This module never touches a socket, a header or the model; it is
+shared by `compat_server.py` (which owns HTTP) and `engine.py` (which owns llama.cpp).
+"""
+
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass, field
+
+# The real API's limit for /v1/messages; bodies above it are refused before they are read.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+# Client-side recursion in json.loads is bounded by the interpreter; this bound keeps rendering and
+# validation recursion (tool schemas, tool inputs) far below it.
+MAX_JSON_DEPTH = 64
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+TOOL_USE_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+ROLES = ("user", "assistant", "system")
+
+
+class ApiError(Exception):
+    """A failure the client sees: HTTP status, Anthropic error type and a message safe to show."""
+
+    def __init__(self, status, error_type, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = tuple(headers)
+
+
+def invalid(message):
+    return ApiError(400, "invalid_request_error", message)
+
+
+def error_body(error_type, message, request_id):
+    return {"type": "error", "error": {"type": error_type, "message": message}, "request_id": request_id}
+
+
+def new_id(prefix):
+    """Ids shaped like the real API's (`msg_01…`, `toolu_01…`, `req_01…`): 24 base62 characters."""
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    return prefix + "01" + "".join(secrets.choice(alphabet) for _ in range(22))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding the body
+# ---------------------------------------------------------------------------------------------------
+
+def _reject_duplicates(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise invalid(f"Invalid JSON: duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name):
+    raise invalid(f"Invalid JSON: {name} is not a valid JSON value")
+
+
+def _json_depth_ok(raw):
+    """Nesting depth by bracket count, outside strings; checked before json.loads recurses."""
+    depth = 0
+    in_string = escaped = False
+    for ch in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def decode_json_body(raw: bytes):
+    """Bytes of a request body to a JSON object, or ApiError(400) saying what is wrong with them."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid(f"Invalid JSON: body is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise invalid("Invalid JSON: request body is empty")
+    if not _json_depth_ok(text):
+        raise invalid(f"Invalid JSON: nesting deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise invalid(f"Invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. integers beyond Python's digit limit
+        if isinstance(exc, ApiError):
+            raise
+        raise invalid("Invalid JSON: a number is too large") from None
+    if not isinstance(value, dict):
+        raise invalid("Invalid JSON: the body must be a JSON object")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Request model
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextBlock:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolUseBlock:
+    id: str
+    name: str
+    input: dict
+
+
+@dataclass(frozen=True)
+class ToolResultBlock:
+    tool_use_id: str
+    content: str
+    is_error: bool
+
+
+@dataclass(frozen=True)
+class ThinkingBlock:
+    thinking: str
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: tuple
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    input_schema: dict
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    type: str = "auto"
+    name: str = None
+    disable_parallel_tool_use: bool = False
+
+
+@dataclass(frozen=True)
+class MessagesRequest:
+    """A validated /v1/messages (or count_tokens) request, in Anthropic's own names."""
+
+    model: str
+    messages: tuple
+    max_tokens: int = 0
+    system: str = ""
+    stop_sequences: tuple = ()
+    temperature: float = None
+    top_p: float = None
+    top_k: int = None
+    stream: bool = False
+    tools: tuple = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    thinking: bool = False
+    thinking_budget: int = None
+    json_schema: dict = None
+
+    @property
+    def prefill(self):
+        """Text of a final assistant message, which the reply continues."""
+        if self.messages and self.messages[-1].role == "assistant":
+            return "".join(b.text for b in self.messages[-1].content if isinstance(b, TextBlock))
+        return ""
+
+
+def _type_name(value):
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _expect(value, kinds, path, what):
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    # bool is an int subclass in Python but not a number in JSON
+    if isinstance(value, bool) and bool not in kinds:
+        raise invalid(f"{path}: Input should be {what}")
+    if not isinstance(value, kinds):
+        raise invalid(f"{path}: Input should be {what}, got {_type_name(value)}")
+    return value
+
+
+def _number(body, key, low, high):
+    if body.get(key) is None:
+        return None
+    value = _expect(body[key], (int, float), key, "a valid number")
+    if not math.isfinite(value) or value < low or value > high:
+        raise invalid(f"{key}: Input should be between {low} and {high}")
+    return float(value)
+
+
+def _texts_of_blocks(value, path):
+    """A system prompt or tool_result content: a string or a list of text blocks, as strings."""
+    if isinstance(value, str):
+        return [value]
+    _expect(value, list, path, "a valid string or list of blocks")
+    texts = []
+    for i, block in enumerate(value):
+        where = f"{path}.{i}"
+        _expect(block, dict, where, "a valid dictionary")
+        kind = block.get("type")
+        if kind in ("image", "document"):
+            raise invalid(f"{where}: this model does not support {kind} input (the loaded model is text-only)")
+        if kind != "text":
+            raise invalid(f"{where}.type: Input should be 'text'")
+        texts.append(_expect(block.get("text"), str, f"{where}.text", "a valid string"))
+    return texts
+
+
+def _text_of_blocks(value, path):
+    return "\n\n".join(_texts_of_blocks(value, path))
+
+
+def _parse_system(value):
+    """Claude Code's billing line differs per conversation and would defeat prefix reuse; it is
+    addressed to Anthropic's billing, not to the model, so it is dropped."""
+    if value is None:
+        return ""
+    texts = _texts_of_blocks(value, "system")
+    return "\n\n".join(t for t in texts if not t.startswith(BILLING_HEADER_PREFIX))
+
+
+def _parse_block(block, path, role):
+    _expect(block, dict, path, "a valid dictionary")
+    kind = block.get("type")
+    if kind == "text":
+        return TextBlock(_expect(block.get("text"), str, f"{path}.text", "a valid string"))
+    if kind in ("image", "document"):
+        raise invalid(f"{path}: this model does not support {kind} input (the loaded model is text-only)")
+    if kind == "tool_use":
+        if role != "assistant":
+            raise invalid(f"{path}: tool_use blocks may only appear in assistant messages")
+        block_id = _expect(block.get("id"), str, f"{path}.id", "a valid string")
+        if not TOOL_USE_ID.match(block_id):
+            raise invalid(f"{path}.id: String should match pattern '^[a-zA-Z0-9_-]+$'")
+        name = _expect(block.get("name"), str, f"{path}.name", "a valid string")
+        return ToolUseBlock(block_id, name, _expect(block.get("input"), dict, f"{path}.input", "a valid dictionary"))
+    if kind == "tool_result":
+        if role != "user":
+            raise invalid(f"{path}: tool_result blocks may only appear in user messages")
+        use_id = _expect(block.get("tool_use_id"), str, f"{path}.tool_use_id", "a valid string")
+        content = _text_of_blocks(block.get("content", ""), f"{path}.content")
+        is_error = _expect(block.get("is_error", False), bool, f"{path}.is_error", "a valid boolean")
+        return ToolResultBlock(use_id, content, is_error)
+    if kind == "thinking":
+        if role != "assistant":
+            raise invalid(f"{path}: thinking blocks may only appear in assistant messages")
+        return ThinkingBlock(_expect(block.get("thinking"), str, f"{path}.thinking", "a valid string"))
+    if kind == "redacted_thinking":
+        return None  # opaque to a local model; signatures are never checked
+    raise invalid(f"{path}.type: Input tag {kind!r} found using 'type' does not match any of the expected "
+                  "tags: 'text', 'image', 'document', 'tool_use', 'tool_result', 'thinking', 'redacted_thinking'")
+
+
+def _parse_message(raw, path):
+    _expect(raw, dict, path, "a valid dictionary")
+    if "role" not in raw:
+        raise invalid(f"{path}.role: Field required")
+    role = raw["role"]
+    if role not in ROLES:
+        raise invalid(f"{path}.role: Input should be 'user' or 'assistant'")
+    if "content" not in raw:
+        raise invalid(f"{path}.content: Field required")
+    content = raw["content"]
+    if role == "system":
+        return Message("system", (TextBlock(_text_of_blocks(content, f"{path}.content")),))
+    if isinstance(content, str):
+        return Message(role, (TextBlock(content),))
+    _expect(content, list, f"{path}.content", "a valid string or list of blocks")
+    blocks = (_parse_block(b, f"{path}.content.{i}", role) for i, b in enumerate(content))
+    return Message(role, tuple(b for b in blocks if b is not None))
+
+
+def _is_empty(message):
+    return all(isinstance(b, TextBlock) and not b.text for b in message.content)
+
+
+def _join_turns(messages):
+    """Consecutive turns of one role become one turn, as the real API does."""
+    joined = []
+    for message in messages:
+        if joined and joined[-1].role == message.role and message.role != "system":
+            joined[-1] = Message(message.role, joined[-1].content + message.content)
+        else:
+            joined.append(message)
+    return tuple(joined)
+
+
+def _check_tool_results(messages):
+    """Each tool_result answers a tool_use of the assistant turn right before it."""
+    previous_ids = set()
+    for i, message in enumerate(messages):
+        if message.role == "assistant":
+            previous_ids = {b.id for b in message.content if isinstance(b, ToolUseBlock)}
+        elif message.role == "user":
+            for block in message.content:
+                if isinstance(block, ToolResultBlock) and block.tool_use_id not in previous_ids:
+                    raise invalid(f"messages.{i}.content: unexpected `tool_use_id` found in `tool_result` "
+                                  f"blocks: {block.tool_use_id}. Each `tool_result` block must have a "
+                                  "corresponding `tool_use` block in the previous message.")
+            previous_ids = set()
+
+
+def _parse_messages(raw):
+    if raw is None:
+        raise invalid("messages: Field required")
+    _expect(raw, list, "messages", "a valid list")
+    if not raw:
+        raise invalid("messages: at least one message is required")
+    parsed = [_parse_message(m, f"messages.{i}") for i, m in enumerate(raw)]
+    for i, message in enumerate(parsed):
+        final_assistant = i == len(parsed) - 1 and message.role == "assistant"
+        if _is_empty(message) and not final_assistant and message.role != "system":
+            raise invalid(f"messages.{i}: all messages must have non-empty content except for the "
+                          "optional final assistant message")
+    messages = _join_turns(parsed)
+    _check_tool_results(messages)
+    last = messages[-1]
+    if last.role == "assistant":
+        text = "".join(b.text for b in last.content if isinstance(b, TextBlock))
+        if text != text.rstrip():
+            raise invalid("messages: final assistant content cannot end with trailing whitespace")
+    return messages
+
+
+def _parse_tools(raw):
+    if raw is None:
+        return ()
+    _expect(raw, list, "tools", "a valid list")
+    tools, seen = [], set()
+    for i, tool in enumerate(raw):
+        path = f"tools.{i}"
+        _expect(tool, dict, path, "a valid dictionary")
+        if tool.get("type") not in (None, "custom"):
+            continue  # server tools (web search, code execution…) cannot run locally; the model never sees them
+        name = _expect(tool.get("name"), str, f"{path}.name", "a valid string")
+        if not TOOL_NAME.match(name):
+            raise invalid(f"{path}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'")
+        if name in seen:
+            raise invalid(f"tools: Tool names must be unique, {name!r} appears more than once")
+        seen.add(name)
+        description = _expect(tool.get("description", ""), str, f"{path}.description", "a valid string")
+        if "input_schema" not in tool:
+            raise invalid(f"{path}.input_schema: Field required")
+        schema = _expect(tool["input_schema"], dict, f"{path}.input_schema", "a valid dictionary")
+        tools.append(Tool(name, description, schema))
+    return tuple(tools)
+
+
+def _parse_tool_choice(raw, tools):
+    if raw is None:
+        return ToolChoice()
+    _expect(raw, dict, "tool_choice", "a valid dictionary")
+    kind = raw.get("type")
+    if kind not in ("auto", "any", "tool", "none"):
+        raise invalid("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
+    parallel_off = _expect(raw.get("disable_parallel_tool_use", False), bool,
+                           "tool_choice.disable_parallel_tool_use", "a valid boolean")
+    name = None
+    if kind == "tool":
+        name = _expect(raw.get("name"), str, "tool_choice.name", "a valid string")
+        if name not in {t.name for t in tools}:
+            raise invalid(f"tool_choice: Tool '{name}' not found in tools")
+    if kind in ("any", "tool") and not tools:
+        raise invalid(f"tool_choice: tool_choice of type '{kind}' requires tools to be set")
+    return ToolChoice(kind, name, parallel_off)
+
+
+def _parse_thinking(raw, max_tokens, count_only):
+    """Returns (enabled, budget). `adaptive` lets the model think without a budget of its own."""
+    if raw is None:
+        return False, None
+    _expect(raw, dict, "thinking", "a valid dictionary")
+    kind = raw.get("type")
+    if kind == "disabled":
+        return False, None
+    if kind == "adaptive":
+        return True, None
+    if kind != "enabled":
+        raise invalid("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
+    budget = _expect(raw.get("budget_tokens"), int, "thinking.budget_tokens", "a valid integer")
+    if budget < 1024:
+        raise invalid("thinking.budget_tokens: Input should be greater than or equal to 1024")
+    if not count_only and budget >= max_tokens:
+        raise invalid("`max_tokens` must be greater than `thinking.budget_tokens`")
+    return True, budget
+
+
+def _parse_json_schema(body):
+    """Structured output: `output_config.format` (current) or `output_format` (the beta's first name)."""
+    config = body.get("output_config")
+    if config is not None:
+        _expect(config, dict, "output_config", "a valid dictionary")
+    fmt = (config or {}).get("format", body.get("output_format"))
+    if fmt is None:
+        return None
+    _expect(fmt, dict, "output_config.format", "a valid dictionary")
+    if fmt.get("type") != "json_schema":
+        raise invalid("output_config.format.type: Input should be 'json_schema'")
+    return _expect(fmt.get("schema"), dict, "output_config.format.schema", "a valid dictionary")
+
+
+def _parse_stop_sequences(raw):
+    if raw is None:
+        return ()
+    _expect(raw, list, "stop_sequences", "a valid list")
+    for i, seq in enumerate(raw):
+        _expect(seq, str, f"stop_sequences.{i}", "a valid string")
+        if not seq.strip():
+            raise invalid(f"stop_sequences.{i}: stop sequences must contain non-whitespace characters")
+    return tuple(raw)
+
+
+def parse_messages_request(body, count_only=False):
+    """A decoded JSON body to a MessagesRequest, or ApiError(400) naming the first bad field.
+
+    Fields a local model cannot use (`metadata`, `service_tier`, `context_management`, `container`,
+    `cache_control` anywhere, unknown top-level keys) are accepted and ignored.
+    """
+    if "model" not in body:
+        raise invalid("model: Field required")
+    model = _expect(body["model"], str, "model", "a valid string")
+    if not model:
+        raise invalid("model: String should have at least 1 character")
+    max_tokens = 0
+    if not count_only:
+        if "max_tokens" not in body:
+            raise invalid("max_tokens: Field required")
+        max_tokens = _expect(body["max_tokens"], int, "max_tokens", "a valid integer")
+        if max_tokens < 1:
+            raise invalid("max_tokens: Input should be greater than or equal to 1")
+    system = _parse_system(body.get("system"))
+    messages = _parse_messages(body.get("messages"))
+    tools = _parse_tools(body.get("tools"))
+    tool_choice = _parse_tool_choice(body.get("tool_choice"), tools)
+    thinking, budget = _parse_thinking(body.get("thinking"), max_tokens, count_only)
+    top_k = body.get("top_k")
+    if top_k is not None and _expect(top_k, int, "top_k", "a valid integer") < 0:
+        raise invalid("top_k: Input should be greater than or equal to 0")
+    metadata = body.get("metadata")
+    if metadata is not None:
+        _expect(metadata, dict, "metadata", "a valid dictionary")
+        if metadata.get("user_id") is not None:
+            _expect(metadata["user_id"], str, "metadata.user_id", "a valid string")
+    stream = body.get("stream")
+    if stream is not None and not count_only:
+        _expect(stream, bool, "stream", "a valid boolean")
+    return MessagesRequest(
+        model=model, messages=messages, max_tokens=max_tokens, system=system,
+        stop_sequences=_parse_stop_sequences(body.get("stop_sequences")),
+        temperature=_number(body, "temperature", 0.0, 1.0), top_p=_number(body, "top_p", 0.0, 1.0),
+        top_k=top_k, stream=bool(stream) and not count_only, tools=tools, tool_choice=tool_choice,
+        thinking=thinking, thinking_budget=budget, json_schema=_parse_json_schema(body))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engine output → message JSON and SSE frames
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    stop_reason: str
+    stop_sequence: str
+    input_tokens: int
+    cache_read_input_tokens: int
+    output_tokens: int
+
+
+def usage(input_tokens, output_tokens, cache_read=0):
+    return {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cache_read, "output_tokens": output_tokens}
+
+
+def sse_frame(data):
+    """One SSE event; SDKs dispatch on the `event:` line, so it always equals the JSON `type`."""
+    return b"event: " + data["type"].encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+PING_FRAME = sse_frame({"type": "ping"})
+
+
+class MessageAssembler:
+    """The single owner of the content-block grammar.
+
+    Engine events go in; the SSE event dicts they cause come out, and the finished message is kept
+    alongside, so the streamed and the non-streamed answer are built by the same code. At most one
+    block is open; indices count up from 0; every block that opens is closed before message_delta.
+    """
+
+    def __init__(self, message_id, model, input_tokens):
+        self.message = {"id": message_id, "type": "message", "role": "assistant", "model": model,
+                        "content": [], "stop_reason": None, "stop_sequence": None,
+                        "usage": usage(input_tokens, 0)}
+        self._open = None
+
+    def start(self):
+        return [{"type": "message_start", "message": {**self.message, "content": [],
+                                                      "usage": {**self.message["usage"], "output_tokens": 1}}}]
+
+    def feed(self, event):
+        if isinstance(event, TextDelta):
+            return self._text(event.text)
+        if isinstance(event, Finish):
+            return self._finish(event)
+        raise TypeError(f"unknown engine event {event!r}")
+
+    def _text(self, text):
+        if not text:
+            return []
+        events = []
+        if self._open != "text":
+            events += self._close()
+            events += self._open_block({"type": "text", "text": ""})
+            self._open = "text"
+        self.message["content"][-1]["text"] += text
+        index = len(self.message["content"]) - 1
+        events.append({"type": "content_block_delta", "index": index,
+                       "delta": {"type": "text_delta", "text": text}})
+        return events
+
+    def _open_block(self, block):
+        self.message["content"].append(dict(block))
+        return [{"type": "content_block_start", "index": len(self.message["content"]) - 1,
+                 "content_block": block}]
+
+    def _close(self):
+        if self._open is None:
+            return []
+        self._open = None
+        return [{"type": "content_block_stop", "index": len(self.message["content"]) - 1}]
+
+    def _finish(self, finish):
+        events = self._close()
+        if not self.message["content"]:
+            # An empty reply still has one (empty) text block, so `content[0].text` works in clients.
+            events += self._open_block({"type": "text", "text": ""})
+            self._open = "text"
+            events += self._close()
+        self.message["stop_reason"] = finish.stop_reason
+        self.message["stop_sequence"] = finish.stop_sequence
+        self.message["usage"] = usage(finish.input_tokens, finish.output_tokens, finish.cache_read_input_tokens)
+        events.append({"type": "message_delta",
+                       "delta": {"stop_reason": finish.stop_reason, "stop_sequence": finish.stop_sequence},
+                       "usage": dict(self.message["usage"])})
+        events.append({"type": "message_stop"})
+        return events
