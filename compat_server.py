@@ -385,6 +385,8 @@ class Handler(BaseHTTPRequestHandler):
             self.request_id, self.started, self.status = new_id("req_"), time.monotonic(), None
         kinds = {404: "not_found_error", 413: "request_too_large", 500: "api_error"}
         self.close_connection = True
+        # an unparseable request line leaves the stdlib assuming HTTP/0.9, which has no status line
+        self.request_version = "HTTP/1.1"
         self._send_api_error(ApiError(code, kinds.get(code, "invalid_request_error"),
                                       message or self.responses.get(code, ("Error",))[0]))
         self._log_access()

@@ -285,8 +285,8 @@ class StopMatcher:
     """Cuts generated text at the first stop string, holding back what might be the start of one.
 
     >>> m = StopMatcher(("END",))
-    >>> m.feed("abcE"), m.feed("Nx"), m.feed("D!")
-    (('abc', None), ('', None), ('ENx', None))
+    >>> m.feed("abcE"), m.feed("N"), m.feed("D!")
+    (('abc', None), ('', None), ('', 'END'))
     """
 
     def __init__(self, stops):
@@ -296,9 +296,10 @@ class StopMatcher:
     def feed(self, text):
         """Returns (text safe to emit, the stop string hit or None)."""
         self._pending += text
-        hits = [(self._pending.find(s), s) for s in self._stops if s in self._pending]
+        hits = [(at + len(s), at, s) for s in self._stops if (at := self._pending.find(s)) >= 0]
         if hits:
-            at, stop = min(hits, key=lambda hit: hit[0])
+            # the stop that completes first, as if text arrived one character at a time
+            _, at, stop = min(hits, key=lambda hit: hit[:2])
             emit, self._pending = self._pending[:at], ""
             return emit, stop
         keep = self._held_back()
@@ -339,7 +340,8 @@ class Turns:
 
     def reserve(self):
         with self._cond:
-            if len(self._queue) >= self.max_queue:
+            idle = self._holder is None and not self._queue
+            if not idle and len(self._queue) >= self.max_queue:
                 raise ApiError(529, "overloaded_error", "Overloaded: the model's queue is full, retry shortly",
                                headers=[("retry-after", "2")])
             ticket = Ticket(self)

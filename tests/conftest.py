@@ -44,3 +44,40 @@ def served(engine):
     running = Running(engine)
     yield running
     running.stop()
+
+
+class ScriptedEngine:
+    """Stands in for the model where a protocol edge case cannot be produced on demand: it yields the
+    events it is given (an Exception instance is raised instead), `delay` seconds apart."""
+
+    model_name, display_name, n_ctx = "scripted", "Scripted", 4096
+
+    def __init__(self, events, delay=0.0, max_queue=16):
+        from engine import Turns
+        self.events, self.delay = events, delay
+        self._turns = Turns(max_queue)
+
+    def prepare(self, request):
+        from engine import Prompt
+        return Prompt((1, 2, 3), request.stop_sequences, ())
+
+    def count_tokens(self, request):
+        return 3
+
+    def reserve(self):
+        return self._turns.reserve()
+
+    def generate(self, ticket, prompt, sampling, cancelled):
+        import time
+        from engine import ClientGone
+        self._turns.acquire(ticket, cancelled)
+        try:
+            for event in self.events:
+                time.sleep(self.delay)
+                if cancelled():
+                    raise ClientGone()
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+        finally:
+            ticket.close()
