@@ -58,6 +58,7 @@ class Config:
     model_name: str
     max_queue: int
     cors: str
+    cache_ram: int
 
 
 def parse_config(argv=None, environ=os.environ):
@@ -84,11 +85,14 @@ def parse_config(argv=None, environ=os.environ):
                    help="requests that may wait for the model; more get 529 overloaded_error")
     p.add_argument("--cors", default=env("CORS", ""),
                    help="allow browser requests from this origin (empty: CORS off)")
+    p.add_argument("--cache-ram", type=int, default=int(env("CACHE_RAM", "1024")),
+                   help="MB of RAM for saved prompt states, so returning to an earlier conversation "
+                        "after another one does not evaluate its prompt again (0: keep only the live one)")
     a = p.parse_args(argv)
-    if a.ctx < 16 or a.max_queue < 0 or a.threads < 0 or not 0 <= a.port <= 65535:
-        p.error("--ctx must be >= 16, --port 0-65535, --max-queue and --threads >= 0")
+    if a.ctx < 16 or min(a.max_queue, a.threads, a.cache_ram) < 0 or not 0 <= a.port <= 65535:
+        p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads and --cache-ram >= 0")
     return Config(model=a.model, host=a.host, port=a.port, ctx=a.ctx, threads=a.threads, api_key=a.api_key,
-                  model_name=a.model_name, max_queue=a.max_queue, cors=a.cors)
+                  model_name=a.model_name, max_queue=a.max_queue, cors=a.cors, cache_ram=a.cache_ram)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -494,7 +498,8 @@ def main(argv=None):
                     config.host)
     try:
         engine = Engine(config.model or None, n_ctx=config.ctx, n_threads=config.threads or None,
-                        max_queue=config.max_queue, model_name=config.model_name or None)
+                        max_queue=config.max_queue, model_name=config.model_name or None,
+                        cache_ram_mb=config.cache_ram)
     except ModelLoadError as exc:
         print(f"llama-compat: {exc}", file=sys.stderr)
         return 1

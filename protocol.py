@@ -487,6 +487,18 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ToolUseStart:
+    """The model opened a tool call; a tool_use block with this name begins."""
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolInputDelta:
+    """A piece of the call's input JSON; the pieces of one call concatenate to a JSON object."""
+    partial_json: str
+
+
+@dataclass(frozen=True)
 class Finish:
     stop_reason: str
     stop_sequence: str
@@ -529,6 +541,18 @@ class MessageAssembler:
     def feed(self, event):
         if isinstance(event, TextDelta):
             return self._text(event.text)
+        if isinstance(event, ToolUseStart):
+            events = self._close()
+            self._open = "tool_use"
+            self._input_json = ""
+            return events + self._open_block({"type": "tool_use", "id": new_id("toolu_"), "name": event.name,
+                                              "input": {}})
+        if isinstance(event, ToolInputDelta):
+            if self._open != "tool_use":
+                raise ValueError("input_json_delta outside a tool_use block")
+            self._input_json += event.partial_json
+            return [{"type": "content_block_delta", "index": len(self.message["content"]) - 1,
+                     "delta": {"type": "input_json_delta", "partial_json": event.partial_json}}]
         if isinstance(event, Finish):
             return self._finish(event)
         raise TypeError(f"unknown engine event {event!r}")
@@ -555,6 +579,8 @@ class MessageAssembler:
     def _close(self):
         if self._open is None:
             return []
+        if self._open == "tool_use":
+            self.message["content"][-1]["input"] = json.loads(self._input_json) if self._input_json else {}
         self._open = None
         return [{"type": "content_block_stop", "index": len(self.message["content"]) - 1}]
 

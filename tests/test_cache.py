@@ -1,0 +1,72 @@
+"""Prefix reuse: what the cache gives back must equal a fresh evaluation, and be reported in usage."""
+
+import pytest
+
+import engine as engine_module
+import protocol
+from engine import ClientGone, StateCache
+
+STORY = "Here is a story. " + " ".join(f"Sentence number {i} is about a cat named Tom." for i in range(60))
+
+
+def run(engine, text, max_tokens=8, cancelled=lambda: False):
+    request = protocol.parse_messages_request({"model": "m", "max_tokens": max_tokens, "temperature": 0,
+                                               "messages": [{"role": "user", "content": text}]})
+    events = list(engine.generate(engine.reserve(), engine.prepare(request), engine_module.sampling_for(request),
+                                  cancelled))
+    return "".join(e.text for e in events[:-1]), events[-1]
+
+
+def fresh(engine, text):
+    engine._forget()
+    return run(engine, text)
+
+
+def test_the_next_turn_reuses_the_previous_prompt_and_answers_as_a_fresh_evaluation(engine):
+    expected, _ = fresh(engine, STORY + " What is the cat called?")
+    run(engine, STORY)
+    text, finish = run(engine, STORY + " What is the cat called?")
+    assert finish.cache_read_input_tokens > 600
+    assert finish.input_tokens + finish.cache_read_input_tokens == len(
+        engine.prepare(protocol.parse_messages_request({"model": "m", "max_tokens": 1, "messages": [
+            {"role": "user", "content": STORY + " What is the cat called?"}]})).tokens)
+    assert text == expected
+
+
+def test_returning_to_a_conversation_after_another_restores_its_saved_state(engine):
+    expected, _ = fresh(engine, STORY + " Is Tom happy?")
+    run(engine, STORY)
+    run(engine, "Tell me about dogs.")  # a side request: the story's state is saved, not lost
+    text, finish = run(engine, STORY + " Is Tom happy?")
+    assert finish.cache_read_input_tokens > 600
+    assert text == expected
+
+
+def test_a_cancelled_prompt_evaluation_leaves_a_prefix_that_a_retry_reuses(engine):
+    engine._forget()
+    long_story = STORY + " " + STORY
+    calls = []
+
+    def cancel_after_first_batch():
+        calls.append(1)
+        return len(calls) > 1
+    with pytest.raises(ClientGone):
+        run(engine, long_story, cancelled=cancel_after_first_batch)
+    _, finish = run(engine, long_story)
+    assert finish.cache_read_input_tokens >= engine_module.PROMPT_BATCH
+
+
+def test_saved_states_are_evicted_least_recently_used_first_within_the_budget():
+    cache = StateCache(budget=10)
+    cache.put((1, 2), bytearray(4))
+    cache.put((3, 4), bytearray(4))
+    cache.take((1, 2))
+    cache.put((5, 6), bytearray(4))
+    assert cache.longest_prefix((3, 4))[1] == 0 and cache.longest_prefix((1, 2, 9)) == ((1, 2), 2)
+
+
+def test_a_state_extended_by_a_newer_one_is_dropped():
+    cache = StateCache(budget=100)
+    cache.put((1, 2), bytearray(4))
+    cache.put((1, 2, 3), bytearray(4))
+    assert len(cache) == 1 and cache.longest_prefix((1, 2))[0] == (1, 2, 3)
