@@ -218,6 +218,8 @@ class SseWriter:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "llama-compat"
+    # every SSE frame is a small write that must leave at once, not wait for the previous one's ACK
+    disable_nagle_algorithm = True
     timeout = SOCKET_TIMEOUT
 
     # --- dispatch: every request, whatever happens, ends in exactly one response -------------------

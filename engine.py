@@ -72,6 +72,20 @@ def _check_gguf_file(path):
             raise ModelLoadError(f"not a GGUF file: {path}")
 
 
+def _load(model_path, **params):
+    """Flash attention first: on a CPU it decodes the default model ~15% faster and evaluates long
+    prompts ~10% faster (MODELS.md); a model or build without it loads without it."""
+    try:
+        return llama_cpp.Llama(model_path=model_path, flash_attn=True, **params)
+    except (ValueError, RuntimeError):
+        pass
+    try:
+        return llama_cpp.Llama(model_path=model_path, flash_attn=False, **params)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"llama.cpp could not load {model_path} ({exc}); "
+                             "is it a complete GGUF, and is there enough memory?") from None
+
+
 def _slug(text):
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
 
@@ -110,12 +124,8 @@ class Engine:
         model_path = model_path or default_model_path()
         _check_gguf_file(model_path)
         threads = n_threads or os.cpu_count() or 1
-        try:
-            self._llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_batch=PROMPT_BATCH,
-                                        n_threads=threads, n_threads_batch=threads, verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"llama.cpp could not load {model_path} ({exc}); "
-                                 "is it a complete GGUF, and is there enough memory?") from None
+        self._llm = _load(model_path, n_ctx=n_ctx, n_batch=PROMPT_BATCH, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
         self._ctx = self._llm._ctx.ctx
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm._model.model)
         metadata = self._llm.metadata
