@@ -26,6 +26,8 @@ import jinja2.sandbox
 import llama_cpp
 
 from protocol import ApiError, Finish, TextBlock, TextDelta, ThinkingBlock, ToolResultBlock, ToolUseBlock
+from tool_calls import (GENERIC, CallParser, ToolFormat, call_grammar, detect_format, format_call, json_grammar,
+                        template_supports_tools)
 
 log = logging.getLogger("llama-compat")
 
@@ -91,12 +93,45 @@ def _slug(text):
 
 
 @dataclass(frozen=True)
+class ReplyPlan:
+    """How a reply is constrained and read: free text, one JSON document, or text with tool calls."""
+
+    grammar: str = None  # GBNF the reply must follow, or None for free text
+    trigger: str = None  # a regex: the grammar applies from its first group on; None: from the start
+    tool_format: ToolFormat = None  # the reply is read for calls in this format
+    tool_names: tuple = ()
+    parallel: bool = True
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A rendered and tokenized request, ready for the model."""
 
     tokens: tuple
     stop_sequences: tuple  # the request's, reported as stop_sequence when hit
     end_strings: tuple  # the template's own turn ends, reported as end_turn
+    reply: ReplyPlan = ReplyPlan()
+
+
+def plan_reply(request, tool_format):
+    """Forced tool choice and structured output constrain the whole reply; with `auto`, only a call
+    the model opens by itself is constrained, from its open marker on."""
+    choice = request.tool_choice
+    if request.tools and choice.type != "none":
+        names = tuple(t.name for t in request.tools)
+        parallel = not choice.disable_parallel_tool_use
+        if choice.type in ("any", "tool"):
+            return ReplyPlan(call_grammar(tool_format, request.tools, choice.name), None, tool_format, names, parallel)
+        trigger = r"[\s\S]*?(" + _regex_literal(tool_format.open_marker) + r")[\s\S]*"
+        return ReplyPlan(call_grammar(tool_format, request.tools), trigger, tool_format, names, parallel)
+    if request.json_schema is not None:
+        return ReplyPlan(grammar=json_grammar(request.json_schema))
+    return ReplyPlan()
+
+
+def _regex_literal(text):
+    """`text` as an ECMAScript regex (llama.cpp's std::regex), escaping only its metacharacters."""
+    return "".join("\\" + ch if ch in r"\^$.|?*+()[]{}/" else ch for ch in text)
 
 
 @dataclass(frozen=True)
@@ -143,17 +178,17 @@ class Engine:
         self._states = StateCache(cache_ram_mb * 1024 * 1024)
         self._n_swa = llama_cpp.llama_model_n_swa(self._llm._model.model)
 
-    def _piece(self, token):
+    def _piece(self, token, special=False):
         """The bytes a token stands for (a piece of a UTF-8 character, possibly); memoized, since the
         token loop asks for each one on every generated token."""
-        piece = self._pieces.get(token)
+        piece = self._pieces.get((token, special))
         if piece is None:
             buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
             if n < 0:  # a longer piece: the size it needs comes back negated
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            piece = self._pieces[token] = buf.raw[:n]
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            piece = self._pieces[(token, special)] = buf.raw[:n]
         return piece
 
     def _token_text(self, token):
@@ -166,23 +201,23 @@ class Engine:
     # -----------------------------------------------------------------------------------------------
 
     def prepare(self, request):
-        """Render and tokenize a request; a prompt with no room left to answer is a 400."""
-        text = self.template.render(request)
-        tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        """Render and tokenize a request and plan its reply; a prompt with no room to answer is a 400."""
+        tokens = self._tokenize_prompt(request)
+        if len(tokens) >= self.n_ctx:
+            raise ApiError(400, "invalid_request_error",
+                           f"prompt is too long: {len(tokens)} tokens > {self.n_ctx - 1} maximum")
+        return Prompt(tokens, request.stop_sequences, self.template.end_strings,
+                      plan_reply(request, self.template.tool_format))
+
+    def count_tokens(self, request):
+        return len(self._tokenize_prompt(request))
+
+    def _tokenize_prompt(self, request):
+        tokens = self._llm.tokenize(self.template.render(request).encode("utf-8"), add_bos=False, special=True)
         bos = self._llm.token_bos()
         if self._add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
             tokens.insert(0, bos)
-        prompt = Prompt(tuple(tokens), request.stop_sequences, self.template.end_strings)
-        if len(prompt.tokens) >= self.n_ctx:
-            raise ApiError(400, "invalid_request_error",
-                           f"prompt is too long: {len(prompt.tokens)} tokens > {self.n_ctx - 1} maximum")
-        return prompt
-
-    def count_tokens(self, request):
-        text = self.template.render(request)
-        tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        bos = self._llm.token_bos()
-        return len(tokens) + (1 if self._add_bos and bos >= 0 and (not tokens or tokens[0] != bos) else 0)
+        return tuple(tokens)
 
     # -----------------------------------------------------------------------------------------------
     # Admission
@@ -233,7 +268,12 @@ class Engine:
         self._kv_tokens.extend(tokens)
 
     def _sample(self, prompt, sampling, cancelled, reused):
-        sampler = _make_sampler(sampling)
+        reply = prompt.reply
+        sampler = _make_sampler(sampling, self._grammar_sampler(reply))
+        parser = CallParser(reply.tool_format, reply.tool_names, reply.parallel) if reply.tool_format else None
+        read = parser.feed if parser else _as_text
+        # formats whose markers are special tokens ([TOOL_CALLS], <|channel|>…) must see them as text
+        special = reply.tool_format not in (None, GENERIC)
         try:
             room = self.n_ctx - len(prompt.tokens)
             limit = min(sampling.max_tokens, room)
@@ -251,21 +291,38 @@ class Engine:
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     stop_reason = "end_turn"
                     break
-                text, hit = stops.feed(decoder.decode(self._piece(token)))
-                if text:
-                    yield TextDelta(text)
+                text, hit = stops.feed(decoder.decode(self._piece(token, special)))
+                yield from read(text)
                 if hit is not None:
                     stop_reason, stop_sequence = ("stop_sequence", hit) if hit in prompt.stop_sequences else (
                         "end_turn", None)
-                    break
-                self._decode([token])
-            tail = stops.flush(decoder.decode(b"", final=True)) if stop_sequence is None else ""
-            if tail:
-                yield TextDelta(tail)
+                elif parser and parser.done:
+                    stop_reason = "end_turn"  # a call ended and no further one may follow
+                if stop_reason is None:
+                    self._decode([token])
+            yield from read(stops.flush(decoder.decode(b"", final=True)) if stop_sequence is None else "")
+            if parser:
+                yield from parser.finish()
+                if parser.calls and stop_reason == "end_turn":
+                    stop_reason = "tool_use"
             yield Finish(stop_reason, stop_sequence, len(prompt.tokens) - reused, reused, produced)
         finally:
             llama_cpp.llama_sampler_free(sampler)
 
+    def _grammar_sampler(self, reply):
+        if reply.grammar is None:
+            return None
+        grammar = reply.grammar.encode()
+        if reply.trigger is None:
+            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar, b"root")
+        else:
+            patterns = (ctypes.c_char_p * 1)(reply.trigger.encode())
+            sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                self._vocab, grammar, b"root", patterns, 1, (llama_cpp.llama_token * 0)(), 0)
+        if not sampler:
+            log.warning("llama.cpp refused a generated grammar; this reply is not constrained")
+            return None
+        return sampler
 
     # -----------------------------------------------------------------------------------------------
     # Cache: the live KV state, and saved states of earlier prompts
@@ -331,8 +388,15 @@ def _common_prefix(a, b):
     return i
 
 
-def _make_sampler(sampling):
+def _as_text(text):
+    return (TextDelta(text),) if text else ()
+
+
+def _make_sampler(sampling, grammar=None):
+    """The sampler chain; a grammar goes first, so that what it forbids is never sampled."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if grammar is not None:
+        llama_cpp.llama_sampler_chain_add(chain, grammar)
     if sampling.temperature <= 0.0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
@@ -481,7 +545,12 @@ def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
 
 
 class ChatTemplate:
-    """The GGUF's own Jinja chat template (sandboxed), or the labelled-turns fallback."""
+    """The GGUF's own Jinja chat template (sandboxed), or the labelled-turns fallback.
+
+    A template that takes `tools` gets them, and earlier calls and results, in its own format
+    (`tool_calls` on assistant turns, `tool` turns for results); any other template gets the tools
+    described in the system text with our generic calling convention, and history written in it.
+    """
 
     def __init__(self, source, bos_token, eos_token):
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -489,52 +558,73 @@ class ChatTemplate:
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_exception,
                            strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
-        self.has_template = bool(source)
         self._template = env.from_string(source or FALLBACK_TEMPLATE)
         self._bos, self._eos = bos_token, eos_token
         self.end_strings = () if source else FALLBACK_END_STRINGS
+        self.native_tools = template_supports_tools(source)
+        self.tool_format = detect_format(source) if self.native_tools else GENERIC
 
     def render(self, request):
         """The prompt text for a request: its history, then the start of the assistant's turn, then
         any prefill. The same request always renders to the same text."""
         last_is_prefill = request.messages[-1].role == "assistant"
         history = request.messages[:-1] if last_is_prefill else request.messages
-        system = _system_text(request)
-        turns = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": m.role, "content": _content_text(m.content)} for m in history]
+        offered = request.tools if request.tool_choice.type != "none" else ()
+        system = request.system if self.native_tools else _generic_system_text(request.system, offered)
+        turns = [{"role": "system", "content": system}] if system else []
+        for message in history:
+            turns += _native_turns(message) if self.native_tools else [
+                {"role": message.role, "content": _generic_content_text(message.content)}]
+        tools = [_tool_json(t) for t in offered] if self.native_tools and offered else None
         try:
-            text = self._render(turns)
+            text = self._render(turns, tools)
         except jinja2.TemplateError:
             # Templates that allow a system turn only first (or strict alternation) get mid-conversation
             # system messages folded into the next user turn.
-            text = self._render(_fold_system_turns(turns))
+            text = self._render(_fold_system_turns(turns), tools)
         return text + request.prefill
 
-    def _render(self, turns):
-        return self._template.render(messages=turns, add_generation_prompt=True,
+    def _render(self, turns, tools):
+        return self._template.render(messages=turns, tools=tools, add_generation_prompt=True,
                                      bos_token=self._bos, eos_token=self._eos)
 
 
-def _system_text(request):
+def _tool_json(tool):
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                             "parameters": tool.input_schema}}
+
+
+def _native_turns(message):
+    """One message as Hugging Face chat turns: calls as `tool_calls`, each result as a `tool` turn."""
+    text = "\n\n".join(b.text for b in message.content if isinstance(b, TextBlock) and b.text)
+    calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input}}
+             for b in message.content if isinstance(b, ToolUseBlock)]
+    results = [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.content}
+               for b in message.content if isinstance(b, ToolResultBlock)]
+    turn = {"role": message.role, "content": text}
+    if calls:
+        turn["tool_calls"] = calls
+    return results + ([turn] if text or calls or not results else [])
+
+
+def _generic_system_text(system, tools):
     """The system prompt, with tool descriptions first so that a new conversation with the same tools
     shares the longest possible prefix with the last one."""
-    if not request.tools or request.tool_choice.type == "none":
-        return request.system
+    if not tools:
+        return system
     lines = [json.dumps({"name": t.name, "description": t.description, "input_schema": t.input_schema},
-                        ensure_ascii=False) for t in request.tools]
-    tools = GENERIC_TOOL_PREAMBLE + "\n".join(lines)
-    return tools + ("\n\n" + request.system if request.system else "")
+                        ensure_ascii=False) for t in tools]
+    return GENERIC_TOOL_PREAMBLE + "\n".join(lines) + ("\n\n" + system if system else "")
 
 
-def _content_text(blocks):
+def _generic_content_text(blocks):
     parts = []
     for block in blocks:
         if isinstance(block, TextBlock):
             if block.text:
                 parts.append(block.text)
         elif isinstance(block, ToolUseBlock):
-            call = {"name": block.name, "input": block.input}
-            parts.append("<tool_call>" + json.dumps(call, ensure_ascii=False) + "</tool_call>")
+            parts.append(format_call(GENERIC, block.name, block.input))
         elif isinstance(block, ToolResultBlock):
             status = ' is_error="true"' if block.is_error else ""
             parts.append(f'<tool_result id="{block.tool_use_id}"{status}>{block.content}</tool_result>')
