@@ -4,13 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench soak clean
 
 run: $(STAMP)
 	$(BIN)/python compat_server.py $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the load, fault and fuzz tests, many times longer than in `make test`
+soak: $(STAMP)
+	LLAMA_COMPAT_SOAK=1 $(BIN)/python -m pytest tests/test_robustness.py -s
 
 bench: $(STAMP)
 	$(BIN)/python tests/bench.py

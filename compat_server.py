@@ -29,9 +29,11 @@ from protocol import ApiError, MessageAssembler, new_id
 
 log = logging.getLogger("llama-compat")
 
-# Seconds a client may take to send a request line, headers or a body chunk before it is dropped, so
-# slow or silent clients cannot hold a thread forever (also the idle keep-alive limit).
+# Seconds a connection may sit silent (idle keep-alive included) before it is dropped.
 SOCKET_TIMEOUT = 60
+# Seconds from a request line to the end of its body: a client that trickles headers or a body a
+# byte at a time cannot hold a thread for longer than this.
+REQUEST_READ_DEADLINE = 30
 # Seconds of silence after which a stream gets a `ping` (Anthropic sends them; proxies time out on
 # silence, and the SDKs skip them).
 PING_INTERVAL = 5.0
@@ -228,7 +230,15 @@ class Handler(BaseHTTPRequestHandler):
         self.request_id = new_id("req_")
         self.started = time.monotonic()
         self.status = None
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.unwatch(self.connection)
+
+    def parse_request(self):
+        # the request line has arrived: headers and body must follow within the deadline
+        self.server.watch(self.connection, REQUEST_READ_DEADLINE)
+        return super().parse_request()
 
     def do_GET(self):
         self._dispatch()
@@ -284,7 +294,9 @@ class Handler(BaseHTTPRequestHandler):
             if path[len("/v1/models/"):] != engine.model_name:
                 raise ApiError(404, "not_found_error", f"model: {path[len('/v1/models/'):]}")
             return self._send_json(200, model_info(engine))
-        body = protocol.decode_json_body(self._read_body())
+        raw = self._read_body()
+        self.server.unwatch(self.connection)
+        body = protocol.decode_json_body(raw)
         if path == "/v1/messages/count_tokens":
             request = protocol.parse_messages_request(body, count_only=True)
             return self._send_json(200, {"input_tokens": engine.count_tokens(request)})
@@ -389,6 +401,8 @@ class Handler(BaseHTTPRequestHandler):
         """The stdlib's own errors (bad request line, oversized headers, 501) in Anthropic's shape."""
         if not hasattr(self, "request_id"):
             self.request_id, self.started, self.status = new_id("req_"), time.monotonic(), None
+        if code == 501:  # an unknown method: the API's answer is "not allowed", not a server fault
+            code, message = 405, f"Method {self.command} not allowed"
         kinds = {404: "not_found_error", 413: "request_too_large", 500: "api_error"}
         self.close_connection = True
         # an unparseable request line leaves the stdlib assuming HTTP/0.9, which has no status line
@@ -428,7 +442,38 @@ class Server(ThreadingHTTPServer):
         self.cancel_all = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._in_flight = 0
-        self._count_lock = threading.Lock()
+        self._count_lock = threading.Lock()  # guards _in_flight and _deadlines
+        self._deadlines = {}  # socket -> monotonic time by which its request must have been read
+        self._closed = threading.Event()
+        threading.Thread(target=self._reap_slow_readers, daemon=True).start()
+
+    def server_close(self):
+        self._closed.set()
+        super().server_close()
+
+    def watch(self, sock, seconds):
+        with self._count_lock:
+            self._deadlines[sock] = time.monotonic() + seconds
+
+    def unwatch(self, sock):
+        with self._count_lock:
+            self._deadlines.pop(sock, None)
+
+    def _reap_slow_readers(self):
+        """Shut the socket of a request still being read past its deadline; the blocked read in its
+        handler thread then ends, and the thread with it."""
+        while not self._closed.wait(0.5):
+            now = time.monotonic()
+            with self._count_lock:
+                late = [sock for sock, deadline in self._deadlines.items() if deadline < now]
+                for sock in late:
+                    del self._deadlines[sock]
+            for sock in late:
+                log.info("dropping a client that did not send its request in time")
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def count_request(self, delta):
         with self._count_lock:

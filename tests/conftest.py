@@ -1,5 +1,6 @@
 """Shared fixtures: the real server on port 0, in-process, with the real default model."""
 
+import os
 import socket
 import threading
 
@@ -81,3 +82,10 @@ class ScriptedEngine:
                 yield event
         finally:
             ticket.close()
+
+
+@pytest.fixture(scope="session")
+def model_cache():
+    """Test models built once per machine (each build checks what it finds there)."""
+    import tempfile
+    return os.path.join(tempfile.gettempdir(), "llama-compat-test-models")

@@ -1,0 +1,64 @@
+"""Tools through a real tool-aware chat template: the default model's weights with our Hermes-style
+template written into a copy of its GGUF, so tools reach a real template and calls come back through
+the real Hermes parser."""
+
+import json
+
+import anthropic
+import pytest
+
+from conftest import Running
+from engine import Engine
+from model_fixtures import tool_model_path
+from test_tools import ASK, WEATHER, assert_weather_call
+
+
+@pytest.fixture(scope="module")
+def tool_engine(model_cache):
+    return Engine(tool_model_path(model_cache), n_ctx=2048)
+
+
+@pytest.fixture(scope="module")
+def client(tool_engine):
+    running = Running(tool_engine)
+    yield anthropic.Anthropic(base_url=running.url, api_key="x", max_retries=0)
+    running.stop()
+
+
+def test_the_template_is_recognised_as_hermes_with_native_tools(tool_engine):
+    assert tool_engine.template.native_tools and tool_engine.template.tool_format.name == "hermes"
+
+
+def test_tools_are_rendered_by_the_template_itself(tool_engine):
+    import protocol
+    request = protocol.parse_messages_request({"model": "m", "max_tokens": 5, "tools": [WEATHER], "messages": ASK})
+    text = tool_engine.template.render(request)
+    assert "<tools>" in text and '"name": "get_weather"' in text and "You can call these tools" not in text
+
+
+def test_a_forced_call_comes_back_through_the_hermes_parser(client):
+    message = client.messages.create(model="m", max_tokens=300, tools=[WEATHER], messages=ASK,
+                                     tool_choice={"type": "tool", "name": "get_weather"})
+    assert message.stop_reason == "tool_use"
+    assert_weather_call(message.content[-1])
+
+
+def test_a_streamed_call_and_a_tool_result_round_trip(client, tool_engine):
+    with client.messages.stream(model="m", max_tokens=300, tools=[WEATHER], messages=ASK,
+                                tool_choice={"type": "any"}) as stream:
+        deltas = [e.delta.partial_json for e in stream if e.type == "content_block_delta"
+                  and e.delta.type == "input_json_delta"]
+        first = stream.get_final_message()
+    call = first.content[-1]
+    assert json.loads("".join(deltas)) == call.input
+    history = ASK + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                                   "content": "Foggy, 14 degrees"}]}]
+    import protocol
+    rendered = tool_engine.template.render(protocol.parse_messages_request(
+        {"model": "m", "max_tokens": 5, "tools": [WEATHER], "messages": history}))
+    assert "<tool_response>\nFoggy, 14 degrees\n</tool_response>" in rendered
+    assert '<tool_call>\n{"name": "get_weather", "arguments": ' in rendered
+    answer = client.messages.create(model="m", max_tokens=40, tools=[WEATHER], messages=history,
+                                    tool_choice={"type": "none"})
+    assert answer.content[0].type == "text"
