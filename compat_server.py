@@ -61,6 +61,7 @@ class Config:
     max_queue: int
     cors: str
     cache_ram: int
+    yarn: bool
 
 
 def parse_config(argv=None, environ=os.environ):
@@ -90,11 +91,15 @@ def parse_config(argv=None, environ=os.environ):
     p.add_argument("--cache-ram", type=int, default=int(env("CACHE_RAM", "1024")),
                    help="MB of RAM for saved prompt states, so returning to an earlier conversation "
                         "after another one does not evaluate its prompt again (0: keep only the live one)")
+    p.add_argument("--yarn", choices=("auto", "off"), default=env("YARN", "auto"),
+                   help="auto: when --ctx exceeds the model's training context and the GGUF declares no "
+                        "rope scaling of its own, apply YaRN scaling so the model stays coherent")
     a = p.parse_args(argv)
     if a.ctx < 16 or min(a.max_queue, a.threads, a.cache_ram) < 0 or not 0 <= a.port <= 65535:
         p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads and --cache-ram >= 0")
     return Config(model=a.model, host=a.host, port=a.port, ctx=a.ctx, threads=a.threads, api_key=a.api_key,
-                  model_name=a.model_name, max_queue=a.max_queue, cors=a.cors, cache_ram=a.cache_ram)
+                  model_name=a.model_name, max_queue=a.max_queue, cors=a.cors, cache_ram=a.cache_ram,
+                  yarn=a.yarn == "auto")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -425,7 +430,8 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
     def _log_access(self):
-        log.info('%s "%s %s" %s %.3fs %s', self.client_address[0], self.command, self.path, self.status,
+        status = self.status if self.status is not None else "-"  # "-": the client left unanswered
+        log.info('%s "%s %s" %s %.3fs %s', self.client_address[0], self.command, self.path, status,
                  time.monotonic() - self.started, self.request_id)
 
 
@@ -546,7 +552,7 @@ def main(argv=None):
     try:
         engine = Engine(config.model or None, n_ctx=config.ctx, n_threads=config.threads or None,
                         max_queue=config.max_queue, model_name=config.model_name or None,
-                        cache_ram_mb=config.cache_ram)
+                        cache_ram_mb=config.cache_ram, yarn=config.yarn)
     except ModelLoadError as exc:
         print(f"llama-compat: {exc}", file=sys.stderr)
         return 1

@@ -157,3 +157,14 @@ def test_a_full_queue_answers_529_and_a_cancelled_waiter_gives_up_its_place():
 
 def test_an_idle_model_admits_a_request_even_with_no_queue():
     assert Turns(max_queue=0).reserve()
+
+
+# --- context past the training length ------------------------------------------------------------------
+
+def test_yarn_scaling_applies_only_past_the_training_context_and_can_be_turned_off():
+    from engine import default_model_path, rope_scaling
+    path = default_model_path()  # trained on 8,192 tokens, no rope scaling of its own
+    assert rope_scaling(path, 8192, yarn=True) == {}
+    assert rope_scaling(path, 32768, yarn=False) == {}
+    scaled = rope_scaling(path, 32768, yarn=True)
+    assert scaled["rope_freq_scale"] == 0.25 and scaled["yarn_orig_ctx"] == 8192

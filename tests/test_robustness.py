@@ -222,7 +222,7 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0():
                 break
         assert any("without --api-key" in line for line in lines)  # the loud warning for 0.0.0.0
         sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        sock.sendall(post("/v1/messages", {"model": "m", "max_tokens": 60, "stream": True, "temperature": 0,
+        sock.sendall(post("/v1/messages", {"model": "m", "max_tokens": 20, "stream": True, "temperature": 0,
                                            "messages": [{"role": "user", "content": "What is the capital of France?"}]}))
         reader = Reader(sock)
         reader.file.readline()
