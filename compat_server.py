@@ -41,6 +41,9 @@ PING_INTERVAL = 5.0
 MAX_CONNECTIONS = 64
 # Seconds that in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.
 SHUTDOWN_GRACE = 10.0
+# Seconds without a content delta after which a stream gets an empty one: Claude Code aborts a stream
+# with no content delta for 300 s, pings or not (CLAUDE_CODE_TRAFFIC.md §5).
+CONTENT_KEEPALIVE = 20.0
 # Epoch creation date: the API allows it when a model's release date is unknown.
 MODEL_CREATED_AT = "1970-01-01T00:00:00Z"
 
@@ -175,36 +178,60 @@ def peer_closed(sock):
 # Streaming
 # ---------------------------------------------------------------------------------------------------
 
-class SseWriter:
-    """Writes SSE frames as HTTP chunks, and a `ping` after PING_INTERVAL seconds of silence.
+class SseStream:
+    """Writes a message's SSE frames as HTTP chunks, from engine events fed to its assembler.
 
-    A write that fails marks the stream broken: the client has left and the request is cancelled.
-    The lock keeps the heartbeat thread's pings from interleaving with event frames.
+    While nothing is written, a heartbeat thread sends a `ping` every PING_INTERVAL seconds and, past
+    CONTENT_KEEPALIVE seconds without a content delta (a long prompt evaluation), an empty delta in
+    a block it opens (thinking when the request asked for it, else text). The lock keeps the
+    heartbeat's frames from interleaving with event frames and the assembler consistent. A write
+    that fails marks the stream broken: the client has left and the request is cancelled.
     """
 
-    def __init__(self, wfile):
+    def __init__(self, wfile, assembler, keepalive_kind):
         self._wfile = wfile
+        self._assembler = assembler
+        self._keepalive_kind = keepalive_kind
         self._lock = threading.Lock()
-        self._last = time.monotonic()
+        self._last_write = self._last_content = time.monotonic()
         self._done = threading.Event()
         self.broken = False
+        with self._lock:
+            self._send(assembler.start())
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
 
-    def send(self, data):
+    def feed(self, event):
         with self._lock:
-            if self.broken or not data:
-                return
-            try:
-                self._wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            except OSError:
-                self.broken = True
-            self._last = time.monotonic()
+            frames = self._assembler.feed(event)
+            if frames:
+                self._last_content = time.monotonic()
+            self._send(frames)
+
+    def fail(self):
+        """A failure after the headers: the SDKs raise on an in-band error event."""
+        with self._lock:
+            self._send([{"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}])
+
+    def _send(self, events):
+        if self.broken or not events:
+            return
+        data = b"".join(protocol.sse_frame(e) for e in events)
+        try:
+            self._wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except OSError:
+            self.broken = True
+        self._last_write = time.monotonic()
 
     def _heartbeat(self):
         while not self._done.wait(0.5):
-            if time.monotonic() - self._last >= PING_INTERVAL:
-                self.send(protocol.PING_FRAME)
+            with self._lock:
+                now = time.monotonic()
+                if now - self._last_content >= CONTENT_KEEPALIVE:
+                    self._last_content = now
+                    self._send(self._assembler.keepalive(self._keepalive_kind))
+                elif now - self._last_write >= PING_INTERVAL:
+                    self._send([{"type": "ping"}])
 
     def close(self):
         """Stop the heartbeat and end the chunked body."""
@@ -235,6 +262,7 @@ class Handler(BaseHTTPRequestHandler):
         self.request_id = new_id("req_")
         self.started = time.monotonic()
         self.status = None
+        self._sse = None  # the stream of this request, once it has one
         try:
             super().handle_one_request()
         finally:
@@ -320,32 +348,29 @@ class Handler(BaseHTTPRequestHandler):
                 for event in events:
                     assembler.feed(event)
                 return self._send_json(200, assembler.message)
-            self._stream(assembler, engine.generate(ticket, prompt, sampling, self._client_gone))
+            self._stream(assembler, engine.generate(ticket, prompt, sampling, self._client_gone),
+                         "thinking" if request.thinking else "text")
 
     def _client_gone(self):
-        return self.server.cancel_all.is_set() or getattr(self, "_sse", None) is not None and (
-            self._sse.broken) or peer_closed(self.connection)
+        return self.server.cancel_all.is_set() or (self._sse is not None and self._sse.broken) or peer_closed(
+            self.connection)
 
-    def _stream(self, assembler, events):
+    def _stream(self, assembler, events, keepalive_kind):
         self.send_response(200)
         self.send_header("content-type", "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         self._common_headers()
         self.end_headers()
-        self._sse = sse = SseWriter(self.wfile)
+        self._sse = sse = SseStream(self.wfile, assembler, keepalive_kind)
         try:
-            for data in assembler.start():
-                sse.send(protocol.sse_frame(data))
             for event in events:
-                for data in assembler.feed(event):
-                    sse.send(protocol.sse_frame(data))
+                sse.feed(event)
         except Exception as exc:
             self.close_connection = True
             if not isinstance(exc, ClientGone):
                 log.exception("%s: failed mid-stream", self.request_id)
-                error = {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}
-                sse.send(protocol.sse_frame(error))
+                sse.fail()
         finally:
             events.close()
             sse.close()

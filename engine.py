@@ -26,7 +26,8 @@ import jinja2.sandbox
 import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 
-from protocol import ApiError, Finish, TextBlock, TextDelta, ThinkingBlock, ToolResultBlock, ToolUseBlock
+from protocol import (ApiError, Finish, TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, ToolResultBlock,
+                      ToolUseBlock)
 from tool_calls import (GENERIC, CallParser, ToolFormat, call_grammar, detect_format, format_call, json_grammar,
                         template_supports_tools)
 
@@ -38,6 +39,9 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT_BATCH = 512
 # Prompts this much shorter than another are cheap to evaluate again: not worth a saved state.
 CACHE_MIN_TOKENS = 256
+# Reasoning models (Qwen 3, DeepSeek-R1 and their templates) write their reasoning between these.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+REASONING_CLOSE = "\n" + THINK_CLOSE + "\n\n"
 # Sampling the API leaves to the server when a request does not say (llama.cpp's own defaults);
 # `temperature` keeps the API's default of 1.0.
 DEFAULT_TOP_K = 40
@@ -152,6 +156,9 @@ class Prompt:
     stop_sequences: tuple  # the request's, reported as stop_sequence when hit
     end_strings: tuple  # the template's own turn ends, reported as end_turn
     reply: ReplyPlan = ReplyPlan()
+    show_thinking: bool = False  # reasoning comes back as thinking blocks (else it is dropped)
+    thinking_budget: int = None  # reasoning tokens after which the engine closes the reasoning itself
+    starts_in_thinking: bool = False  # the generation prompt already opened the reasoning section
 
 
 def plan_reply(request, tool_format):
@@ -243,18 +250,22 @@ class Engine:
 
     def prepare(self, request):
         """Render and tokenize a request and plan its reply; a prompt with no room to answer is a 400."""
-        tokens = self._tokenize_prompt(request)
+        text = self.template.render(request)
+        tokens = self._tokenize_prompt(text)
         if len(tokens) >= self.n_ctx:
             raise ApiError(400, "invalid_request_error",
                            f"prompt is too long: {len(tokens)} tokens > {self.n_ctx - 1} maximum")
-        return Prompt(tokens, request.stop_sequences, self.template.end_strings,
-                      plan_reply(request, self.template.tool_format))
+        template = self.template
+        return Prompt(tokens, request.stop_sequences, template.end_strings,
+                      plan_reply(request, template.tool_format), show_thinking=request.thinking,
+                      thinking_budget=request.thinking_budget,
+                      starts_in_thinking=template.reasons and text.rstrip().endswith(THINK_OPEN))
 
     def count_tokens(self, request):
-        return len(self._tokenize_prompt(request))
+        return len(self._tokenize_prompt(self.template.render(request)))
 
-    def _tokenize_prompt(self, request):
-        tokens = self._llm.tokenize(self.template.render(request).encode("utf-8"), add_bos=False, special=True)
+    def _tokenize_prompt(self, text):
+        tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         bos = self._llm.token_bos()
         if self._add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
             tokens.insert(0, bos)
@@ -312,7 +323,17 @@ class Engine:
         reply = prompt.reply
         sampler = _make_sampler(sampling, self._grammar_sampler(reply))
         parser = CallParser(reply.tool_format, reply.tool_names, reply.parallel) if reply.tool_format else None
-        read = parser.feed if parser else _as_text
+        read_answer = parser.feed if parser else _as_text
+        reasoning = ReasoningSplitter(prompt.starts_in_thinking) if self.template.reasons else None
+
+        def read(text):
+            """Generated text to events: reasoning apart from the answer, calls out of the answer."""
+            for kind, piece in reasoning.feed(text) if reasoning else (("text", text),):
+                if kind == "text":
+                    yield from read_answer(piece)
+                elif prompt.show_thinking:
+                    yield ThinkingDelta(piece)
+
         # formats whose markers are special tokens ([TOOL_CALLS], <|channel|>…) must see them as text
         special = reply.tool_format not in (None, GENERIC)
         try:
@@ -320,7 +341,7 @@ class Engine:
             limit = min(sampling.max_tokens, room)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stops = StopMatcher(prompt.stop_sequences + prompt.end_strings)
-            produced, stop_reason, stop_sequence = 0, None, None
+            produced, thought, stop_reason, stop_sequence = 0, 0, None, None
             while stop_reason is None:
                 if produced >= limit:
                     stop_reason = "max_tokens" if limit == sampling.max_tokens else "model_context_window_exceeded"
@@ -332,6 +353,7 @@ class Engine:
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     stop_reason = "end_turn"
                     break
+                thinking = reasoning is not None and reasoning.inside
                 text, hit = stops.feed(decoder.decode(self._piece(token, special)))
                 yield from read(text)
                 if hit is not None:
@@ -341,6 +363,9 @@ class Engine:
                     stop_reason = "end_turn"  # a call ended and no further one may follow
                 if stop_reason is None:
                     self._decode([token])
+                    thought += thinking
+                    if thinking and reasoning.inside and prompt.thinking_budget and thought >= prompt.thinking_budget:
+                        produced += self._close_reasoning(sampler, reasoning)
             yield from read(stops.flush(decoder.decode(b"", final=True)) if stop_sequence is None else "")
             if parser:
                 yield from parser.finish()
@@ -349,6 +374,16 @@ class Engine:
             yield Finish(stop_reason, stop_sequence, len(prompt.tokens) - reused, reused, produced)
         finally:
             llama_cpp.llama_sampler_free(sampler)
+
+    def _close_reasoning(self, sampler, reasoning):
+        """At the thinking budget, write the end of the reasoning section into the context as if the
+        model had, so that the answer begins; returns how many tokens that took."""
+        tokens = self._llm.tokenize(REASONING_CLOSE.encode(), add_bos=False, special=True)
+        for token in tokens:
+            llama_cpp.llama_sampler_accept(sampler, token)
+        self._decode(tokens)
+        reasoning.feed(REASONING_CLOSE)
+        return len(tokens)
 
     def _grammar_sampler(self, reply):
         if reply.grammar is None:
@@ -493,6 +528,46 @@ class StopMatcher:
         return emit
 
 
+class ReasoningSplitter:
+    """Splits generated text into reasoning and answer at the think tags, holding back what might
+    be the start of a tag; whitespace right after a tag is dropped.
+
+    >>> s = ReasoningSplitter(inside=False)
+    >>> s.feed("<thi"), s.feed("nk>\\nhmm</thi"), s.feed("nk>\\n\\nYes")
+    ([], [('thinking', 'hmm')], [('text', 'Yes')])
+    """
+
+    def __init__(self, inside):
+        self.inside = inside
+        self._pending = ""
+        self._after_tag = inside
+
+    def feed(self, text):
+        """Returns [(kind, text)], kind "thinking" or "text"."""
+        self._pending += text
+        out = []
+        while (at := self._pending.find(self._tag())) >= 0:
+            self._emit(out, self._pending[:at])
+            self._pending = self._pending[at + len(self._tag()):]
+            self.inside, self._after_tag = not self.inside, True
+        tag = self._tag()
+        keep = next((n for n in range(min(len(tag) - 1, len(self._pending)), 0, -1)
+                     if self._pending.endswith(tag[:n])), 0)
+        self._emit(out, self._pending[:len(self._pending) - keep])
+        self._pending = self._pending[len(self._pending) - keep:]
+        return out
+
+    def _tag(self):
+        return THINK_CLOSE if self.inside else THINK_OPEN
+
+    def _emit(self, out, piece):
+        if self._after_tag:
+            piece = piece.lstrip()
+            self._after_tag = not piece
+        if piece:
+            out.append(("thinking" if self.inside else "text", piece))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Admission: the one model lock and its FIFO queue
 # ---------------------------------------------------------------------------------------------------
@@ -604,6 +679,7 @@ class ChatTemplate:
         self.end_strings = () if source else FALLBACK_END_STRINGS
         self.native_tools = template_supports_tools(source)
         self.tool_format = detect_format(source) if self.native_tools else GENERIC
+        self.reasons = THINK_OPEN in (source or "")
 
     def render(self, request):
         """The prompt text for a request: its history, then the start of the assistant's turn, then
@@ -618,16 +694,17 @@ class ChatTemplate:
                 {"role": message.role, "content": _generic_content_text(message.content)}]
         tools = [_tool_json(t) for t in offered] if self.native_tools and offered else None
         try:
-            text = self._render(turns, tools)
+            text = self._render(turns, tools, request.thinking)
         except jinja2.TemplateError:
             # Templates that allow a system turn only first (or strict alternation) get mid-conversation
             # system messages folded into the next user turn.
-            text = self._render(_fold_system_turns(turns), tools)
+            text = self._render(_fold_system_turns(turns), tools, request.thinking)
         return text + request.prefill
 
-    def _render(self, turns, tools):
+    def _render(self, turns, tools, thinking):
+        # enable_thinking: the switch of Qwen 3 style templates; others ignore it
         return self._template.render(messages=turns, tools=tools, add_generation_prompt=True,
-                                     bos_token=self._bos, eos_token=self._eos)
+                                     enable_thinking=thinking, bos_token=self._bos, eos_token=self._eos)
 
 
 def _tool_json(tool):
@@ -643,6 +720,9 @@ def _native_turns(message):
     results = [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.content}
                for b in message.content if isinstance(b, ToolResultBlock)]
     turn = {"role": message.role, "content": text}
+    reasoning = "\n\n".join(b.thinking for b in message.content if isinstance(b, ThinkingBlock) and b.thinking)
+    if reasoning:
+        turn["reasoning_content"] = reasoning  # Qwen 3's name; templates without it ignore it
     if calls:
         turn["tool_calls"] = calls
     return results + ([turn] if text or calls or not results else [])

@@ -7,6 +7,8 @@ error type, `ApiError`, whose message names the offending field the way the real
 shared by `compat_server.py` (which owns HTTP) and `engine.py` (which owns llama.cpp).
 """
 
+import base64
+import hashlib
 import json
 import math
 import re
@@ -458,6 +460,8 @@ def parse_messages_request(body, count_only=False):
     tools = _parse_tools(body.get("tools"))
     tool_choice = _parse_tool_choice(body.get("tool_choice"), tools)
     thinking, budget = _parse_thinking(body.get("thinking"), max_tokens, count_only)
+    if thinking and tool_choice.type in ("any", "tool"):
+        raise invalid("Thinking may not be enabled when tool_choice forces tool use.")
     top_k = body.get("top_k")
     if top_k is not None and _expect(top_k, int, "top_k", "a valid integer") < 0:
         raise invalid("top_k: Input should be greater than or equal to 0")
@@ -484,6 +488,12 @@ def parse_messages_request(body, count_only=False):
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+
+
+@dataclass(frozen=True)
+class ThinkingDelta:
+    """A piece of the model's reasoning, shown as a thinking block."""
+    thinking: str
 
 
 @dataclass(frozen=True)
@@ -518,6 +528,17 @@ def sse_frame(data):
 
 
 PING_FRAME = sse_frame({"type": "ping"})
+EMPTY_BLOCKS = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": "", "signature": ""},
+                "tool_use": None}
+EMPTY_DELTAS = {"text": {"type": "text_delta", "text": ""}, "thinking": {"type": "thinking_delta", "thinking": ""},
+                "tool_use": {"type": "input_json_delta", "partial_json": ""}}
+DELTA_FIELDS = {"text": "text", "thinking": "thinking", "tool_use": "partial_json"}
+
+
+def thinking_signature(thinking):
+    """Clients echo signatures back and this server never checks them; a digest of the reasoning
+    keeps the same reasoning signed the same way."""
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
 
 
 class MessageAssembler:
@@ -525,7 +546,8 @@ class MessageAssembler:
 
     Engine events go in; the SSE event dicts they cause come out, and the finished message is kept
     alongside, so the streamed and the non-streamed answer are built by the same code. At most one
-    block is open; indices count up from 0; every block that opens is closed before message_delta.
+    block is open; indices count up from 0; every block that opens is closed before message_delta;
+    a thinking block gets its signature_delta right before it closes.
     """
 
     def __init__(self, message_id, model, input_tokens):
@@ -540,57 +562,67 @@ class MessageAssembler:
 
     def feed(self, event):
         if isinstance(event, TextDelta):
-            return self._text(event.text)
+            return self._delta("text", event.text) if event.text else []
+        if isinstance(event, ThinkingDelta):
+            return self._delta("thinking", event.thinking) if event.thinking else []
         if isinstance(event, ToolUseStart):
-            events = self._close()
-            self._open = "tool_use"
             self._input_json = ""
-            return events + self._open_block({"type": "tool_use", "id": new_id("toolu_"), "name": event.name,
-                                              "input": {}})
+            return self._close() + self._open_block(
+                "tool_use", {"type": "tool_use", "id": new_id("toolu_"), "name": event.name, "input": {}})
         if isinstance(event, ToolInputDelta):
             if self._open != "tool_use":
                 raise ValueError("input_json_delta outside a tool_use block")
-            self._input_json += event.partial_json
-            return [{"type": "content_block_delta", "index": len(self.message["content"]) - 1,
-                     "delta": {"type": "input_json_delta", "partial_json": event.partial_json}}]
+            return self._delta("tool_use", event.partial_json)
         if isinstance(event, Finish):
             return self._finish(event)
         raise TypeError(f"unknown engine event {event!r}")
 
-    def _text(self, text):
-        if not text:
-            return []
-        events = []
-        if self._open != "text":
-            events += self._close()
-            events += self._open_block({"type": "text", "text": ""})
-            self._open = "text"
-        self.message["content"][-1]["text"] += text
+    def keepalive(self, prefer):
+        """An empty delta, opening a `prefer` ("text" or "thinking") block if none is open: Claude
+        Code aborts a stream that carries no content delta for 300 s, pings or not, and a long prompt
+        evaluation can take longer than that (CLAUDE_CODE_TRAFFIC.md §5)."""
+        kind = self._open or prefer
+        events = [] if self._open else self._open_block(kind, EMPTY_BLOCKS[kind])
         index = len(self.message["content"]) - 1
-        events.append({"type": "content_block_delta", "index": index,
-                       "delta": {"type": "text_delta", "text": text}})
-        return events
+        return events + [{"type": "content_block_delta", "index": index, "delta": {**EMPTY_DELTAS[kind]}}]
 
-    def _open_block(self, block):
+    def _delta(self, kind, piece):
+        events = [] if self._open == kind else self._close() + self._open_block(kind, EMPTY_BLOCKS[kind])
+        block = self.message["content"][-1]
+        if kind == "tool_use":
+            self._input_json += piece
+        else:
+            block[kind] += piece
+        delta = {**EMPTY_DELTAS[kind], DELTA_FIELDS[kind]: piece}
+        return events + [{"type": "content_block_delta", "index": len(self.message["content"]) - 1,
+                          "delta": delta}]
+
+    def _open_block(self, kind, block):
+        self._open = kind
         self.message["content"].append(dict(block))
         return [{"type": "content_block_start", "index": len(self.message["content"]) - 1,
-                 "content_block": block}]
+                 "content_block": dict(block)}]
 
     def _close(self):
         if self._open is None:
             return []
+        index = len(self.message["content"]) - 1
+        block = self.message["content"][-1]
+        events = []
         if self._open == "tool_use":
-            self.message["content"][-1]["input"] = json.loads(self._input_json) if self._input_json else {}
+            block["input"] = json.loads(self._input_json) if self._input_json else {}
+        elif self._open == "thinking":
+            block["signature"] = thinking_signature(block["thinking"])
+            events.append({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "signature_delta", "signature": block["signature"]}})
         self._open = None
-        return [{"type": "content_block_stop", "index": len(self.message["content"]) - 1}]
+        return events + [{"type": "content_block_stop", "index": index}]
 
     def _finish(self, finish):
         events = self._close()
         if not self.message["content"]:
             # An empty reply still has one (empty) text block, so `content[0].text` works in clients.
-            events += self._open_block({"type": "text", "text": ""})
-            self._open = "text"
-            events += self._close()
+            events += self._open_block("text", EMPTY_BLOCKS["text"]) + self._close()
         self.message["stop_reason"] = finish.stop_reason
         self.message["stop_sequence"] = finish.stop_sequence
         self.message["usage"] = usage(finish.input_tokens, finish.output_tokens, finish.cache_read_input_tokens)

@@ -1,0 +1,97 @@
+"""Reasoning models: reasoning comes back as thinking blocks, the budget closes it, and it never
+leaks into text. End to end through a test model: the default model's weights with a reasoning
+template of our own in the DeepSeek-R1 style (its generation prompt opens the reasoning section)."""
+
+import anthropic
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import compat_server
+from conftest import Running, ScriptedEngine
+from engine import Engine, ReasoningSplitter
+from model_fixtures import _default_model_with
+from protocol import Finish, TextDelta, ThinkingDelta
+
+R1_STYLE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.reasoning_content %}<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}")
+ASK = [{"role": "user", "content": "Is 17 a prime number?"}]
+
+
+@pytest.fixture(scope="module")
+def client(model_cache):
+    engine = Engine(_default_model_with(model_cache, "r1", R1_STYLE), n_ctx=4096)
+    running = Running(engine)
+    yield anthropic.Anthropic(base_url=running.url, api_key="x", max_retries=0)
+    running.stop()
+
+
+def split(text, inside, cuts):
+    splitter, out, at = ReasoningSplitter(inside), [], 0
+    for cut in cuts + [len(text)]:
+        out += splitter.feed(text[at:at + cut])
+        at += cut
+    joined = {"thinking": "", "text": ""}
+    for kind, piece in out:
+        joined[kind] += piece
+    return joined
+
+
+@given(st.text(alphabet="ab <>/thinkT\n", max_size=40), st.booleans(), st.lists(st.integers(1, 6), max_size=20))
+def test_splitting_does_not_depend_on_how_text_is_cut_into_tokens(text, inside, cuts):
+    assert split(text, inside, cuts) == split(text, inside, [])
+
+
+def test_reasoning_and_answer_are_separated_and_tags_never_reach_either():
+    assert split("<think>\nLet me see.\n</think>\n\nYes.", False, [3, 5]) == {
+        "thinking": "Let me see.\n", "text": "Yes."}
+
+
+def test_thinking_streams_as_a_thinking_block_closed_by_the_budget_then_the_answer(client):
+    with client.messages.stream(model="m", max_tokens=1100, messages=ASK,
+                                thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
+        events = list(stream)
+        message = stream.get_final_message()
+    kinds = [b.type for b in message.content]
+    assert kinds[0] == "thinking" and message.content[0].thinking and message.content[0].signature
+    assert any(e.type == "content_block_delta" and e.delta.type == "signature_delta" for e in events)
+    assert "<think>" not in str(message.content) and "</think>" not in str(message.content)
+    # the budget closed the reasoning: an answer began before max_tokens
+    assert "text" in kinds or message.stop_reason == "end_turn"
+
+
+def test_without_thinking_the_template_switch_is_off_and_no_reasoning_is_returned(client):
+    message = client.messages.create(model="m", max_tokens=40, messages=ASK, thinking={"type": "disabled"})
+    assert all(b.type == "text" for b in message.content)
+    assert "<think>" not in message.content[0].text
+
+
+def test_thinking_blocks_in_the_history_are_accepted_with_any_signature(client):
+    history = ASK + [{"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "17 has no divisors but 1 and itself.", "signature": ""},
+        {"type": "redacted_thinking", "data": "opaque"}, {"type": "text", "text": "Yes."}]},
+        {"role": "user", "content": "And 18?"}]
+    message = client.messages.create(model="m", max_tokens=20, messages=history, thinking={"type": "disabled"})
+    assert message.content[0].type == "text"
+
+
+def test_a_long_prompt_evaluation_is_kept_alive_with_empty_deltas(monkeypatch):
+    monkeypatch.setattr(compat_server, "CONTENT_KEEPALIVE", 0.3)
+    slow = ScriptedEngine([ThinkingDelta("hmm"), TextDelta("Yes"), Finish("end_turn", None, 3, 0, 2)], delay=1.0)
+    running = Running(slow)
+    try:
+        client = anthropic.Anthropic(base_url=running.url, api_key="x", max_retries=0)
+        with client.messages.stream(model="m", max_tokens=10, messages=ASK, thinking={"type": "adaptive"}) as s:
+            events = list(s)
+            message = s.get_final_message()
+        deltas = [e for e in events if e.type == "content_block_delta"]
+        assert deltas[0].delta.type == "thinking_delta" and deltas[0].delta.thinking == ""
+        assert [b.type for b in message.content] == ["thinking", "text"]
+        assert message.content[0].thinking == "hmm" and message.content[1].text == "Yes"
+    finally:
+        running.stop()
