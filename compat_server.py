@@ -9,6 +9,7 @@ Run `python compat_server.py --help` for the flags.
 """
 
 import argparse
+import contextlib
 import hmac
 import json
 import logging
@@ -65,6 +66,13 @@ class Config:
     cors: str
     cache_ram: int
     yarn: bool
+    cache_dir: str
+    cache_disk: int
+
+
+def default_cache_dir(environ=os.environ):
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "llama-compat")
 
 
 def parse_config(argv=None, environ=os.environ):
@@ -94,15 +102,19 @@ def parse_config(argv=None, environ=os.environ):
     p.add_argument("--cache-ram", type=int, default=int(env("CACHE_RAM", "1024")),
                    help="MB of RAM for saved prompt states, so returning to an earlier conversation "
                         "after another one does not evaluate its prompt again (0: keep only the live one)")
+    p.add_argument("--cache-dir", default=env("CACHE_DIR", default_cache_dir()),
+                   help="folder for prompt states kept across restarts")
+    p.add_argument("--cache-disk", type=int, default=int(env("CACHE_DISK", "4096")),
+                   help="MB of disk for prompt states kept across restarts (0: none)")
     p.add_argument("--yarn", choices=("auto", "off"), default=env("YARN", "auto"),
                    help="auto: when --ctx exceeds the model's training context and the GGUF declares no "
                         "rope scaling of its own, apply YaRN scaling so the model stays coherent")
     a = p.parse_args(argv)
-    if a.ctx < 16 or min(a.max_queue, a.threads, a.cache_ram) < 0 or not 0 <= a.port <= 65535:
-        p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads and --cache-ram >= 0")
+    if a.ctx < 16 or min(a.max_queue, a.threads, a.cache_ram, a.cache_disk) < 0 or not 0 <= a.port <= 65535:
+        p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads and the cache sizes >= 0")
     return Config(model=a.model, host=a.host, port=a.port, ctx=a.ctx, threads=a.threads, api_key=a.api_key,
                   model_name=a.model_name, max_queue=a.max_queue, cors=a.cors, cache_ram=a.cache_ram,
-                  yarn=a.yarn == "auto")
+                  yarn=a.yarn == "auto", cache_dir=a.cache_dir, cache_disk=a.cache_disk)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,6 +275,7 @@ class Handler(BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.status = None
         self._sse = None  # the stream of this request, once it has one
+        self._body_read = False
         try:
             super().handle_one_request()
         finally:
@@ -344,9 +357,9 @@ class Handler(BaseHTTPRequestHandler):
         with engine.reserve() as ticket:  # 529 when the queue is full, also before any byte
             assembler = MessageAssembler(new_id("msg_"), request.model, len(prompt.tokens))
             if not request.stream:
-                events = engine.generate(ticket, prompt, sampling, self._client_gone)
-                for event in events:
-                    assembler.feed(event)
+                with contextlib.closing(engine.generate(ticket, prompt, sampling, self._client_gone)) as events:
+                    for event in events:
+                        assembler.feed(event)
                 return self._send_json(200, assembler.message)
             self._stream(assembler, engine.generate(ticket, prompt, sampling, self._client_gone),
                          "thinking" if request.thinking else "text")
@@ -380,7 +393,14 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- bodies and responses ---------------------------------------------------------------------
 
+    def _body_unread(self):
+        headers = getattr(self, "headers", None)
+        if headers is None or getattr(self, "_body_read", False):
+            return False
+        return headers.get("transfer-encoding") is not None or headers.get("content-length", "0") != "0"
+
     def _read_body(self):
+        self._body_read = True
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             return read_chunked(self.rfile, protocol.MAX_BODY_BYTES)
         length = self.headers.get("content-length")
@@ -424,6 +444,8 @@ class Handler(BaseHTTPRequestHandler):
     def _send_api_error(self, exc):
         if self.status is not None:
             return  # headers already went out; a stream reports its failure in-band
+        if self._body_unread():
+            self.close_connection = True  # its bytes would be read as the next request
         self._send_json(exc.status, protocol.error_body(exc.error_type, exc.message, self.request_id),
                         exc.headers)
 
@@ -577,7 +599,8 @@ def main(argv=None):
     try:
         engine = Engine(config.model or None, n_ctx=config.ctx, n_threads=config.threads or None,
                         max_queue=config.max_queue, model_name=config.model_name or None,
-                        cache_ram_mb=config.cache_ram, yarn=config.yarn)
+                        cache_ram_mb=config.cache_ram, yarn=config.yarn, cache_dir=config.cache_dir,
+                        cache_disk_mb=config.cache_disk)
     except ModelLoadError as exc:
         print(f"llama-compat: {exc}", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 
 import jinja2
@@ -26,6 +26,7 @@ import jinja2.sandbox
 import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 
+from prompt_cache import DiskStates, StateCache, common_prefix, model_identity
 from protocol import (ApiError, Finish, TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, ToolResultBlock,
                       ToolUseBlock)
 from tool_calls import (GENERIC, CallParser, ToolFormat, call_grammar, detect_format, format_call, json_grammar,
@@ -39,6 +40,8 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT_BATCH = 512
 # Prompts this much shorter than another are cheap to evaluate again: not worth a saved state.
 CACHE_MIN_TOKENS = 256
+# Prompts that needed at least this many tokens evaluated are written to the disk cache.
+DISK_MIN_EVALUATED = 1024
 # Reasoning models (Qwen 3, DeepSeek-R1 and their templates) write their reasoning between these.
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 REASONING_CLOSE = "\n" + THINK_CLOSE + "\n\n"
@@ -203,7 +206,7 @@ def sampling_for(request):
 
 class Engine:
     def __init__(self, model_path=None, n_ctx=8192, n_threads=None, max_queue=16, model_name=None,
-                 cache_ram_mb=1024, yarn=True):
+                 cache_ram_mb=1024, yarn=True, cache_dir=None, cache_disk_mb=0):
         model_path = model_path or default_model_path()
         _check_gguf_file(model_path)
         threads = n_threads or os.cpu_count() or 1
@@ -224,6 +227,8 @@ class Engine:
         self._pieces = {}
         self._kv_tokens = []  # what the KV cache of sequence 0 holds, position by position
         self._states = StateCache(cache_ram_mb * 1024 * 1024)
+        self._disk = DiskStates(cache_dir, cache_disk_mb * 1024 * 1024, model_identity(model_path)) if (
+            cache_dir and cache_disk_mb > 0) else None
         self._n_swa = llama_cpp.llama_model_n_swa(self._llm._model.model)
 
     def _piece(self, token, special=False):
@@ -292,6 +297,7 @@ class Engine:
         try:
             reused = self._evaluate(prompt.tokens, cancelled)
             yield from self._sample(prompt, sampling, cancelled, reused)
+            self._persist(len(prompt.tokens) - reused)  # after the answer, so it never delays one
         finally:
             ticket.close()
 
@@ -406,27 +412,46 @@ class Engine:
 
     def _reuse_prefix(self, target):
         """Make the KV cache hold the longest prefix of `target` it can get back without evaluating,
-        and return its length: the live state's, or a saved state's when that reaches further."""
-        live = _common_prefix(self._kv_tokens, target)
+        and return its length: the live state's, a saved state's in RAM, or one on disk, whichever
+        reaches furthest (a restore must save at least CACHE_MIN_TOKENS of evaluation)."""
+        live = common_prefix(self._kv_tokens, target)
         saved_tokens, saved = self._states.longest_prefix(target)
+        disk_tokens, on_disk = self._disk.longest_prefix(target) if self._disk else (None, 0)
         # taken before the live state is saved, which may evict it
-        data = self._states.take(saved_tokens) if saved > live + CACHE_MIN_TOKENS else None
+        if on_disk > max(live, saved) + CACHE_MIN_TOKENS:
+            restore, data = disk_tokens, self._disk.load(disk_tokens)
+        elif saved > live + CACHE_MIN_TOKENS:
+            restore, data = saved_tokens, self._states.take(saved_tokens)
+        else:
+            restore, data = None, None
         self._save_live(keep=live)
-        if data is not None and self._restore(saved_tokens, data):
-            live = saved
+        if data is not None and self._restore(restore, data):
+            live = common_prefix(restore, target)
         return self._cut(live)
+
+    def _persist(self, evaluated):
+        """A prompt that took long to evaluate is worth keeping across restarts: its state is copied
+        out here (the only part that holds the model) and written to disk in the background."""
+        if self._disk is None or not self._disk.enabled or evaluated < DISK_MIN_EVALUATED:
+            return
+        data = self._copy_state()
+        if data is not None:
+            self._disk.save(tuple(self._kv_tokens), data)
 
     def _save_live(self, keep):
         """Before a cut throws away much of the live state (a side request, another conversation),
         keep a copy so that returning to it costs a restore, not an evaluation."""
         if len(self._kv_tokens) - keep < CACHE_MIN_TOKENS:
             return
+        if llama_cpp.llama_state_seq_get_size(self._ctx, 0) <= self._states.budget:
+            data = self._copy_state()
+            if data is not None:
+                self._states.put(tuple(self._kv_tokens), data)
+
+    def _copy_state(self):
         size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
-        if size > self._states.budget:
-            return
         data = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, 0) == size:
-            self._states.put(tuple(self._kv_tokens), data)
+        return data if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, 0) == size else None
 
     def _restore(self, tokens, data):
         memory = llama_cpp.llama_get_memory(self._ctx)
@@ -455,13 +480,6 @@ class Engine:
         self._kv_tokens.clear()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
 
-
-def _common_prefix(a, b):
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _as_text(text):
@@ -767,41 +785,3 @@ def _fold_system_turns(turns):
     if pending:
         folded.append({"role": "user", "content": "\n\n".join(pending)})
     return folded
-
-
-class StateCache:
-    """Saved KV states of sequence 0 in RAM, keyed by the tokens they hold, least recently used out
-    once their bytes exceed the budget. A state whose tokens are a prefix of a newer one is dropped:
-    the newer one serves every request the older one could."""
-
-    def __init__(self, budget):
-        self.budget = budget
-        self._entries = OrderedDict()  # tokens -> ctypes buffer from llama_state_seq_get_data
-        self._bytes = 0
-
-    def longest_prefix(self, tokens):
-        """(the saved tokens sharing the longest prefix with `tokens`, that prefix's length)."""
-        best, best_len = None, 0
-        for saved in self._entries:
-            n = _common_prefix(saved, tokens)
-            if n > best_len:
-                best, best_len = saved, n
-        return best, best_len
-
-    def take(self, tokens):
-        self._entries.move_to_end(tokens)
-        return self._entries[tokens]
-
-    def put(self, tokens, data):
-        for saved in [s for s in self._entries if s == tokens[:len(s)]]:
-            self._drop(saved)
-        self._entries[tokens] = data
-        self._bytes += len(data)
-        while self._bytes > self.budget:
-            self._drop(next(iter(self._entries)))
-
-    def _drop(self, tokens):
-        self._bytes -= len(self._entries.pop(tokens))
-
-    def __len__(self):
-        return len(self._entries)

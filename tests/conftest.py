@@ -12,7 +12,8 @@ from engine import Engine
 
 def make_config(**overrides):
     values = dict(model="", host="127.0.0.1", port=0, ctx=2048, threads=0, api_key="", model_name="",
-                  max_queue=16, cors="", cache_ram=256, yarn=True)
+                  max_queue=16, cors="", cache_ram=256, yarn=True, cache_dir="",
+                  cache_disk=0)
     values.update(overrides)
     return compat_server.Config(**values)
 

@@ -97,6 +97,14 @@ def test_a_stream_is_framed_as_sse_chunks_and_the_connection_stays_usable(script
         assert status == 200 and json.loads(body)["content"] == [{"type": "text", "text": "Hello"}]
 
 
+def test_an_error_before_the_body_is_read_closes_the_connection_instead_of_misreading_it(scripted):
+    with scripted.raw() as sock:
+        sock.sendall(post("/v1/models", {"model": "x"}))
+        status, headers, _ = Reader(sock).response()
+        assert status == 405 and headers["connection"] == "close"
+        assert sock.recv(1) == b""
+
+
 def test_a_chunked_request_body_is_decoded(scripted):
     data = json.dumps(BODY).encode()
     raw = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n\r\n"

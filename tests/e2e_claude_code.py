@@ -1,0 +1,376 @@
+"""Claude Code end to end: our server, the real `claude` CLI in print mode, one prompt, and a Read round trip.
+
+Contract: starts `compat_server.py` as a child process on a free loopback port, runs the Claude Code
+binary installed in `.e2e/` (`make e2e` installs it with npm) against it in a throw-away HOME with a
+clean environment, checks that each run exits 0 with a reply, and stops the server whatever happens.
+Standard library only, so `tests/test_claude_code.py` imports the same functions. It never installs
+anything unless asked (`--install`), never talks to anything but 127.0.0.1, and never edits the
+repository.
+
+    python tests/e2e_claude_code.py                  # --bare: text, then stream-json, then a Read round trip
+    python tests/e2e_claude_code.py --profile full   # Claude Code's full tool list: ~20k tokens, ~5 minutes
+
+Why the pieces are the way they are (details in shared/CLAUDE_CODE_TRAFFIC.md):
+- Profiles differ in the prompt Claude Code sends: `--bare` is ~1,100 tokens (tools Bash, Edit, Read),
+  `--tools Read,Bash` ~2,750, the default tool list ~20,000 (needs --ctx 32768, about 5 minutes of
+  prompt evaluation on 2 cores).
+- CLAUDE_CODE_MAX_OUTPUT_TOKENS caps `max_tokens`: Claude Code asks for 32,000 and the 135M model at
+  the API's default temperature 1.0 sometimes never stops; uncapped, such a reply runs until the
+  context is full, after which Claude Code tries to compact and fails with "Prompt is too long".
+- Claude Code never sends `tool_choice`, and the default model seldom calls a tool on its own. The
+  Read round trip therefore goes through `ToolSteeringProxy`, which adds `tool_choice` (and drops
+  `thinking`, which the API refuses together with a forced tool) on the first request of the turn and
+  forwards everything else byte for byte.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+E2E_DIR = ROOT / ".e2e"
+CLAUDE_BIN = E2E_DIR / "node_modules" / ".bin" / "claude"
+# The version whose traffic shared/CLAUDE_CODE_TRAFFIC.md and the capture describe.
+CLAUDE_CODE_VERSION = os.environ.get("CLAUDE_CODE_VERSION", "2.1.197")
+MODEL = "local-model"
+
+# name: (Claude Code flags, --ctx for our server)
+PROFILES = {
+    "bare": (["--bare"], 8192),
+    "tools": (["--tools", "Read,Bash"], 8192),
+    "full": ([], 32768),
+}
+PROMPT = "Say hello in five words."
+# Seconds for the server to load the model and answer HEAD /.
+SERVER_START_TIMEOUT = 120
+# Seconds for the server to finish in-flight work after SIGTERM (compat_server's grace is 10 s).
+SERVER_STOP_TIMEOUT = 20
+# A cap on each reply (see the module docstring); 1024 tokens take ~15 s at depth 1k on 2 cores.
+MAX_OUTPUT_TOKENS = 1024
+# The secret the Read round trip must bring back from the file into the conversation.
+SECRET = "PERIWINKLE-4217"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished `claude -p` invocation."""
+
+    argv: tuple
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------
+# Claude Code: install and find
+# ---------------------------------------------------------------------------------------------------
+
+def claude_binary():
+    """The installed `claude` executable, or None. The npm package's postinstall links the native
+    binary over a small stub; a stub left in place (install scripts disabled) does not count."""
+    if not CLAUDE_BIN.exists() or CLAUDE_BIN.resolve().stat().st_size < 1_000_000:
+        return None
+    return CLAUDE_BIN
+
+
+def install_claude():
+    """`npm install --prefix .e2e @anthropic-ai/claude-code@VERSION` (the native binary comes inside
+    the platform package, nothing else is downloaded)."""
+    subprocess.run(["npm", "install", "--prefix", str(E2E_DIR), "--no-audit", "--no-fund",
+                    f"@anthropic-ai/claude-code@{CLAUDE_CODE_VERSION}"], check=True)
+    if claude_binary() is None:
+        raise RuntimeError(f"npm did not install a native claude binary at {CLAUDE_BIN}")
+    return CLAUDE_BIN
+
+
+# ---------------------------------------------------------------------------------------------------
+# Our server as a child process
+# ---------------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers_head(port):
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("HEAD", "/")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def start_server(ctx, log_path, extra_args=()):
+    """compat_server.py on a free port; returns (process, port) once HEAD / answers 200."""
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "compat_server.py"), "--port", str(port), "--ctx", str(ctx),
+            *extra_args]
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while not answers_head(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"server did not come up on port {port}; log: {log_path}")
+        time.sleep(0.25)
+    return proc, port
+
+
+def stop_server(proc):
+    """SIGTERM (the server drains in-flight requests), then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(SERVER_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running Claude Code
+# ---------------------------------------------------------------------------------------------------
+
+def claude_env(home, base_url, max_output_tokens=MAX_OUTPUT_TOKENS):
+    """A clean environment: nothing from the caller's shell (ANTHROPIC_MODEL, a real API key, …)
+    reaches Claude Code, only what points it at our server and keeps it quiet."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "ANTHROPIC_BASE_URL": base_url,
+        "ANTHROPIC_AUTH_TOKEN": "local",
+        "ANTHROPIC_API_KEY": "local",
+        "DISABLE_TELEMETRY": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # --dangerously-skip-permissions refuses to run as root without it
+        "IS_SANDBOX": "1",
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_output_tokens),
+    }
+
+
+def make_home(parent):
+    """A throw-away HOME where onboarding is already done, so nothing interactive is asked."""
+    home = Path(tempfile.mkdtemp(prefix="home-", dir=parent))
+    (home / ".claude.json").write_text(json.dumps({"hasCompletedOnboarding": True}))
+    return home
+
+
+def run_claude(claude, base_url, prompt, flags, workdir, output_format="text", timeout=600,
+               max_output_tokens=MAX_OUTPUT_TOKENS):
+    """`claude -p PROMPT --model local-model FLAGS` in `workdir`, with a fresh HOME inside it."""
+    argv = [str(claude), "-p", prompt, "--model", MODEL, *flags]
+    if output_format != "text":
+        argv += ["--output-format", output_format, "--verbose"]
+    env = claude_env(make_home(workdir), base_url, max_output_tokens)
+    started = time.monotonic()
+    done = subprocess.run(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=timeout)
+    return Run(tuple(argv), done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+
+
+def stream_events(run):
+    """The JSON lines of a `--output-format stream-json --verbose` run."""
+    return [json.loads(line) for line in run.stdout.splitlines() if line.strip().startswith("{")]
+
+
+def reply_of(run, output_format):
+    """The model's final reply: stdout for text, the `result` event for stream-json. Raises
+    AssertionError with the run's output when there is none."""
+    detail = f"exit {run.returncode}\nstdout:\n{run.stdout[-3000:]}\nstderr:\n{run.stderr[-3000:]}"
+    assert run.returncode == 0, detail
+    if output_format == "text":
+        reply = run.stdout.strip()
+    else:
+        results = [e for e in stream_events(run) if e.get("type") == "result"]
+        assert results and results[-1].get("subtype") == "success" and not results[-1].get("is_error"), detail
+        reply = (results[-1].get("result") or "").strip()
+    assert reply, "empty reply\n" + detail
+    return reply
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Read round trip: a proxy that forces the first call of a turn
+# ---------------------------------------------------------------------------------------------------
+
+def steer(body, tool):
+    """The request with `tool_choice` forcing `tool` when it opens a turn (its last message is the
+    user's prompt, not a tool_result) and offers that tool; None when it is to pass unchanged."""
+    if body.get("tool_choice") or tool not in [t.get("name") for t in body.get("tools") or ()]:
+        return None
+    last = (body.get("messages") or [{}])[-1]
+    content = last.get("content")
+    if last.get("role") != "user" or (isinstance(content, list) and
+                                      any(b.get("type") == "tool_result" for b in content)):
+        return None
+    steered = dict(body, tool_choice={"type": "tool", "name": tool})
+    steered.pop("thinking", None)  # the API refuses thinking together with a forced tool
+    return steered
+
+
+class ToolSteeringProxy(ThreadingHTTPServer):
+    """Forwards to our server on `upstream_port`, applying `steer` to POST /v1/messages bodies;
+    responses (streams included) go back unchanged. `steered` counts the requests it changed."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream_port, tool):
+        super().__init__(("127.0.0.1", 0), _SteeringHandler)
+        self.upstream_port, self.tool, self.steered = upstream_port, tool, 0
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+class _SteeringHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    HOP_BY_HOP = ("connection", "keep-alive", "transfer-encoding", "content-length", "host")
+
+    def log_message(self, *args):
+        pass
+
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.command == "POST" and self.path.split("?")[0] == "/v1/messages":
+            steered = steer(json.loads(body), self.server.tool)
+            if steered is not None:
+                body = json.dumps(steered).encode()
+                self.server.steered += 1
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self.HOP_BY_HOP}
+        headers["content-length"] = str(len(body))
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=900)
+        upstream.request(self.command, self.path, body=body, headers=headers)
+        response = upstream.getresponse()
+        self.send_response_only(response.status, response.reason)
+        for k, v in response.getheaders():
+            if k.lower() not in self.HOP_BY_HOP:
+                self.send_header(k, v)
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        if self.command != "HEAD":
+            while chunk := response.read1(65536):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        upstream.close()
+
+    do_GET = do_HEAD = do_POST = _forward
+
+
+def tool_round_trip(run):
+    """(tool_use inputs, tool_result texts) of a stream-json run, in order."""
+    calls, results = [], []
+    for event in stream_events(run):
+        for block in (event.get("message") or {}).get("content") or ():
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                calls.append((block.get("name"), block.get("input")))
+            elif block.get("type") == "tool_result":
+                content = block.get("content")
+                if isinstance(content, list):
+                    content = "".join(c.get("text", "") for c in content if isinstance(c, dict))
+                results.append(str(content))
+    return calls, results
+
+
+def read_round_trip(claude, server_port, workdir, timeout=600, attempts=3):
+    """Claude Code's Read tool on a file holding SECRET, forced through ToolSteeringProxy. The model
+    writes the path itself, and a 135M model copies it right about half the time: each attempt is a
+    new conversation. Returns (run, calls, results) of the first attempt whose tool_result holds SECRET,
+    else of the last one."""
+    note = Path(workdir) / "note.txt"
+    note.write_text(f"The secret word is {SECRET}.\n")
+    prompt = f"Use the Read tool to read the file {note} and tell me the secret word."
+    with ToolSteeringProxy(server_port, "Read") as proxy:
+        for _ in range(attempts):
+            run = run_claude(claude, proxy.url, prompt, ["--bare", "--dangerously-skip-permissions"],
+                             workdir, "stream-json", timeout)
+            calls, results = tool_round_trip(run)
+            if run.returncode == 0 and any(SECRET in r for r in results):
+                break
+    return run, calls, results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="bare",
+                   help="bare: ~1,100 prompt tokens; tools: --tools Read,Bash, ~2,750; full: ~20,000 (minutes)")
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--ctx", type=int, default=0, help="server context (0: the profile's)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds allowed for each claude run")
+    p.add_argument("--no-tool-round-trip", action="store_true", help="skip the Read round trip")
+    p.add_argument("--install", action="store_true", help="npm-install Claude Code into .e2e if missing")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (server log, homes)")
+    args = p.parse_args(argv)
+
+    claude = claude_binary() or (install_claude() if args.install else None)
+    if claude is None:
+        print(f"no Claude Code at {CLAUDE_BIN}: run `make e2e` or pass --install", file=sys.stderr)
+        return 2
+    flags, ctx = PROFILES[args.profile]
+    workdir = Path(tempfile.mkdtemp(prefix="llama-compat-e2e-"))
+    server, port = start_server(args.ctx or ctx, workdir / "server.log")
+    failed = False
+    try:
+        print(f"server on 127.0.0.1:{port} (--ctx {args.ctx or ctx}); claude {' '.join(flags)}", flush=True)
+        for output_format in ("text", "stream-json"):
+            run = run_claude(claude, f"http://127.0.0.1:{port}", args.prompt, flags, workdir,
+                             output_format, args.timeout)
+            try:
+                print(f"--- {output_format}: exit {run.returncode} in {run.seconds:.1f}s\n"
+                      f"{reply_of(run, output_format)}", flush=True)
+            except AssertionError as exc:
+                print(f"--- {output_format}: FAILED\n{exc}", flush=True)
+                failed = True
+        if not args.no_tool_round_trip:
+            run, calls, results = read_round_trip(claude, port, workdir, args.timeout)
+            ok = run.returncode == 0 and any(SECRET in r for r in results)
+            print(f"--- Read round trip: {'ok' if ok else 'FAILED'} (exit {run.returncode}, "
+                  f"{run.seconds:.1f}s)\ncalls: {calls}\nresults: {[r[:200] for r in results]}", flush=True)
+            failed |= not ok
+    finally:
+        stop_server(server)
+        if args.keep or failed:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

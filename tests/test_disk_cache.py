@@ -1,0 +1,81 @@
+"""Prompt states on disk: a restarted server restores a long prompt instead of evaluating it, answers
+exactly as the server that kept the state live would have, and survives every kind of bad file or
+folder (then it answers as a fresh evaluation)."""
+
+import logging
+import os
+
+import pytest
+
+from engine import Engine
+from prompt_cache import DiskStates
+from test_cache import STORY, run
+
+LONG = STORY + " " + STORY  # well past DISK_MIN_EVALUATED tokens
+
+
+def restart(folder):
+    return Engine(n_ctx=4096, cache_dir=str(folder), cache_disk_mb=512)
+
+
+def kv_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith(".kv"))
+
+
+def test_a_restarted_server_restores_a_long_prompt_from_disk_and_answers_the_same(tmp_path):
+    first = restart(tmp_path)
+    run(first, LONG)
+    first._disk.flush()
+    assert len(kv_files(tmp_path)) == 1
+    second = restart(tmp_path)
+    text, finish = run(second, LONG + " Who is Tom?")
+    assert finish.cache_read_input_tokens > 1000
+    # the same state, cut at the same place, the same tokens evaluated: the same answer, bit for bit
+    assert text == run(first, LONG + " Who is Tom?")[0]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_a_corrupt_or_truncated_file_is_removed_with_a_warning_and_never_used(tmp_path, damage, caplog):
+    first = restart(tmp_path)
+    run(first, LONG)
+    first._disk.flush()
+    (name,) = kv_files(tmp_path)
+    path = tmp_path / name
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+    elif damage == "truncate":
+        raw = raw[:len(raw) // 3]
+    else:
+        raw = bytearray(b"not a state at all")
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="llama-compat"):
+        second = restart(tmp_path)
+        _, finish = run(second, LONG + " Who is Tom?", max_tokens=1)
+    assert finish.cache_read_input_tokens < 100  # evaluated afresh, not restored from the bad file
+    assert "removing prompt-state file" in caplog.text and not path.exists()
+
+
+def test_an_unwritable_folder_means_a_warning_and_no_disk_cache(tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with caplog.at_level(logging.WARNING, logger="llama-compat"):
+        states = DiskStates(str(blocker / "cache"), 10**9, b"x" * 32)
+    assert not states.enabled and "running without the disk cache" in caplog.text
+
+
+def test_files_beyond_the_budget_go_least_recently_used_first(tmp_path):
+    states = DiskStates(str(tmp_path), 3000, b"m" * 32)
+    for i in range(3):
+        states.save((i, i, i), bytearray(1000))
+        states.flush()
+    assert 1 <= len(kv_files(tmp_path)) <= 2
+    assert states.longest_prefix((2, 2, 2))[1] == 3  # the newest survives
+
+
+def test_another_models_files_are_left_alone(tmp_path):
+    mine = DiskStates(str(tmp_path), 10**6, b"a" * 32)
+    mine.save((1, 2, 3), bytearray(10))
+    mine.flush()
+    other = DiskStates(str(tmp_path), 10**6, b"b" * 32)
+    assert other.longest_prefix((1, 2, 3)) == (None, 0) and len(kv_files(tmp_path)) == 1
