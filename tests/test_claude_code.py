@@ -25,7 +25,7 @@ def workdir():
 
 @pytest.fixture(scope="module")
 def server_port(workdir):
-    proc, port = e2e.start_server(CTX, f"{workdir}/server.log")
+    proc, port = e2e.start_server(CTX, workdir)
     yield port
     e2e.stop_server(proc)
 
