@@ -615,6 +615,7 @@ def main(argv=None):
     server.serve_forever()
     server.server_close()
     _drain(server)
+    engine.close()
     log.info("stopped")
     return 0
 

@@ -244,6 +244,12 @@ class Engine:
             piece = self._pieces[(token, special)] = buf.raw[:n]
         return piece
 
+    def close(self):
+        """Waits for the prompt state being written to disk, so that stopping the server right after
+        a long first turn still leaves it for the next start."""
+        if self._disk is not None:
+            self._disk.flush()
+
     def _token_text(self, token):
         if token < 0:
             return ""
@@ -705,7 +711,9 @@ class ChatTemplate:
         last_is_prefill = request.messages[-1].role == "assistant"
         history = request.messages[:-1] if last_is_prefill else request.messages
         offered = request.tools if request.tool_choice.type != "none" else ()
-        system = request.system if self.native_tools else _generic_system_text(request.system, offered)
+        opening, history = _split_opening_system(history)
+        system = "\n\n".join(text for text in (request.system, *opening) if text)
+        system = system if self.native_tools else _generic_system_text(system, offered)
         turns = [{"role": "system", "content": system}] if system else []
         for message in history:
             turns += _native_turns(message) if self.native_tools else [
@@ -723,6 +731,17 @@ class ChatTemplate:
         # enable_thinking: the switch of Qwen 3 style templates; others ignore it
         return self._template.render(messages=turns, tools=tools, add_generation_prompt=True,
                                      enable_thinking=thinking, bos_token=self._bos, eos_token=self._eos)
+
+
+def _split_opening_system(messages):
+    """System messages sent before the model's first turn go with the system prompt, ahead of the
+    user's words: they are context for the whole conversation, and Claude Code's agent list (~1,500
+    tokens, the same in every conversation) arrives that way right after the first user message, so
+    rendered in place it would be evaluated anew, deep in the context, for every new conversation.
+    Returns (their texts, the other messages); later system messages stay where they are."""
+    first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
+    opening = [m.content[0].text for m in messages[:first_reply] if m.role == "system"]
+    return opening, [m for i, m in enumerate(messages) if i >= first_reply or m.role != "system"]
 
 
 def _tool_json(tool):

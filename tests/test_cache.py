@@ -70,3 +70,28 @@ def test_a_state_extended_by_a_newer_one_is_dropped():
     cache.put((1, 2), bytearray(4))
     cache.put((1, 2, 3), bytearray(4))
     assert len(cache) == 1 and cache.longest_prefix((1, 2))[0] == (1, 2, 3)
+
+
+def test_a_new_conversation_with_the_same_tools_system_and_agent_list_evaluates_only_the_users_words(engine):
+    """Claude Code's shape: tools, system blocks (the billing line first), the user's words, then a
+    system message with the agent list. Only the billing line and the words differ."""
+    def first_turn(billing, words):
+        return protocol.parse_messages_request({
+            "model": "m", "max_tokens": 2, "temperature": 0,
+            "system": [{"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.{billing};"},
+                       {"type": "text", "text": "You are a coding agent. " + STORY[:800]}],
+            "tools": [{"name": f"tool_{i}", "description": STORY[i * 60:i * 60 + 300],
+                       "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}
+                      for i in range(4)],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>ok</system-reminder>"},
+                                                      {"type": "text", "text": words}]},
+                         {"role": "system", "content": "Agents: " + STORY[:1500]}]})
+
+    def answer(request):
+        return list(engine.generate(engine.reserve(), engine.prepare(request), engine_module.sampling_for(request),
+                                    lambda: False))[-1]
+
+    answer(first_turn("a1f", "Summarize the project."))
+    finish = answer(first_turn("7c2", "Which tests are slow?"))
+    assert finish.cache_read_input_tokens > 1000
+    assert finish.input_tokens < 20  # the words and the start of the assistant's turn

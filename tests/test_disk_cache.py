@@ -25,7 +25,7 @@ def kv_files(folder):
 def test_a_restarted_server_restores_a_long_prompt_from_disk_and_answers_the_same(tmp_path):
     first = restart(tmp_path)
     run(first, LONG)
-    first._disk.flush()
+    first.close()
     assert len(kv_files(tmp_path)) == 1
     second = restart(tmp_path)
     text, finish = run(second, LONG + " Who is Tom?")
@@ -38,7 +38,7 @@ def test_a_restarted_server_restores_a_long_prompt_from_disk_and_answers_the_sam
 def test_a_corrupt_or_truncated_file_is_removed_with_a_warning_and_never_used(tmp_path, damage, caplog):
     first = restart(tmp_path)
     run(first, LONG)
-    first._disk.flush()
+    first.close()
     (name,) = kv_files(tmp_path)
     path = tmp_path / name
     raw = bytearray(path.read_bytes())

@@ -73,10 +73,21 @@ def test_a_prefill_is_appended_after_the_generation_prompt():
     assert text.endswith("<|im_start|>assistant\nHello")
 
 
-def test_a_mid_conversation_system_message_stays_in_place_where_the_template_allows():
+def test_a_system_message_after_the_first_reply_stays_in_place_where_the_template_allows():
     text = ChatTemplate(CHATML, "", "").render(request(messages=[
-        {"role": "user", "content": "a"}, {"role": "system", "content": "agents"}, {"role": "user", "content": "b"}]))
-    assert text.index("user\na") < text.index("system\nagents") < text.index("user\nb")
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "ok"},
+        {"role": "system", "content": "agents"}, {"role": "user", "content": "b"}]))
+    assert text.index("assistant\nok") < text.index("system\nagents") < text.index("user\nb")
+
+
+def test_system_messages_before_the_first_reply_join_the_system_prompt_ahead_of_the_users_words():
+    first_turn = [{"role": "user", "content": "a"}, {"role": "system", "content": "agents"}]
+    text = ChatTemplate(CHATML, "", "").render(request(system="S", messages=first_turn))
+    assert text.startswith("<|im_start|>system\nS\n\nagents<|im_end|>\n<|im_start|>user\na<|im_end|>")
+    # the next turn renders the same prefix, so its KV cache is reused
+    later = ChatTemplate(CHATML, "", "").render(request(system="S", messages=first_turn + [
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": "b"}]))
+    assert later.startswith(text[:text.index("<|im_start|>assistant")])
 
 
 def test_a_template_that_refuses_it_gets_it_folded_into_the_next_user_turn():

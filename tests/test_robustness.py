@@ -24,8 +24,8 @@ from protocol import Finish, TextDelta
 from test_http import BODY, Reader, exchange, post, sse_events
 
 SOAK = os.environ.get("LLAMA_COMPAT_SOAK") == "1"
-FUZZ_CASES = 3000 if SOAK else 300
-LOAD_ROUNDS = 5 if SOAK else 1
+FUZZ_CASES = 10000 if SOAK else 300
+LOAD_ROUNDS = 20 if SOAK else 1
 LOAD_CLIENTS = 32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,11 +75,12 @@ def test_any_request_is_answered_with_a_response_or_an_anthropic_error(scripted,
 
 # --- load --------------------------------------------------------------------------------------------
 
-def one_client(running, i, outcomes):
+def one_client(running, i, outcomes, elapsed):
     """Streams or not; every fourth client leaves after the first event it sees."""
     body = {"model": "m", "max_tokens": 12, "stream": i % 2 == 0,
             "messages": [{"role": "user", "content": f"Client {i}: name a fruit."}]}
     leaves = i % 4 == 3
+    started = time.monotonic()
     try:
         with running.raw(timeout=300) as sock:
             sock.sendall(post("/v1/messages", body))
@@ -100,21 +101,24 @@ def one_client(running, i, outcomes):
             assert status == 200 and json.loads(payload)["type"] == "message"
             outcomes.append("message")
     except Exception as exc:  # any other outcome is a lost request
-        outcomes.append(f"lost: {exc!r}")
+        outcomes.append(f"lost after {time.monotonic() - started:.1f}s: {exc!r}")
+    finally:
+        elapsed.append(time.monotonic() - started)
 
 
 def test_32_concurrent_clients_each_get_an_answer_or_a_529(engine):
     running = Running(engine)
     try:
         for _ in range(LOAD_ROUNDS):
-            outcomes = []
-            threads = [threading.Thread(target=one_client, args=(running, i, outcomes)) for i in range(LOAD_CLIENTS)]
+            outcomes, elapsed = [], []
+            threads = [threading.Thread(target=one_client, args=(running, i, outcomes, elapsed))
+                       for i in range(LOAD_CLIENTS)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(300)
             counts = Counter(o if not o.startswith("lost") else "lost" for o in outcomes)
-            print(f"load round: {LOAD_CLIENTS} clients: {dict(counts)}")
+            print(f"load round: {LOAD_CLIENTS} clients: {dict(counts)}, slowest {max(elapsed):.1f}s")
             assert len(outcomes) == LOAD_CLIENTS and not [o for o in outcomes if o.startswith("lost")], outcomes
             assert counts["streamed"] + counts["message"] > 0
         status, _, _ = exchange(running, post("/v1/messages", BODY))
@@ -209,11 +213,11 @@ def start_process(*args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0():
+def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0_with_its_prompt_state_on_disk(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start_process("--host", "0.0.0.0", "--port", str(port), "--ctx", "1024")
+    proc = start_process("--host", "0.0.0.0", "--port", str(port), "--ctx", "2048", "--cache-dir", str(tmp_path))
     try:
         lines = []
         for line in proc.stdout:
@@ -222,8 +226,9 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0():
                 break
         assert any("without --api-key" in line for line in lines)  # the loud warning for 0.0.0.0
         sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        long_enough_to_keep = " ".join(f"item {i}," for i in range(300)) + " What is the capital of France?"
         sock.sendall(post("/v1/messages", {"model": "m", "max_tokens": 20, "stream": True, "temperature": 0,
-                                           "messages": [{"role": "user", "content": "What is the capital of France?"}]}))
+                                           "messages": [{"role": "user", "content": long_enough_to_keep}]}))
         reader = Reader(sock)
         reader.file.readline()
         proc.send_signal(signal.SIGTERM)
@@ -237,6 +242,7 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0():
         assert proc.wait(timeout=30) == 0
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2)
+        assert [f for f in os.listdir(tmp_path) if f.endswith(".kv")]  # written before the exit
     finally:
         proc.kill()
         proc.wait()
