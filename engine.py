@@ -42,9 +42,6 @@ PROMPT_BATCH = 512
 CACHE_MIN_TOKENS = 256
 # Prompts that needed at least this many tokens evaluated are written to the disk cache.
 DISK_MIN_EVALUATED = 1024
-# Reasoning models (Qwen 3, DeepSeek-R1 and their templates) write their reasoning between these.
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-REASONING_CLOSE = "\n" + THINK_CLOSE + "\n\n"
 # Sampling the API leaves to the server when a request does not say (llama.cpp's own defaults);
 # `temperature` keeps the API's default of 1.0.
 DEFAULT_TOP_K = 40
@@ -270,7 +267,7 @@ class Engine:
         return Prompt(tokens, request.stop_sequences, template.end_strings,
                       plan_reply(request, template.tool_format), show_thinking=request.thinking,
                       thinking_budget=request.thinking_budget,
-                      starts_in_thinking=template.reasons and text.rstrip().endswith(THINK_OPEN))
+                      starts_in_thinking=template.reasoning is not None and template.reasoning.opened_by(text))
 
     def count_tokens(self, request):
         return len(self._tokenize_prompt(self.template.render(request)))
@@ -336,18 +333,20 @@ class Engine:
         sampler = _make_sampler(sampling, self._grammar_sampler(reply))
         parser = CallParser(reply.tool_format, reply.tool_names, reply.parallel) if reply.tool_format else None
         read_answer = parser.feed if parser else _as_text
-        reasoning = ReasoningSplitter(prompt.starts_in_thinking) if self.template.reasons else None
+        fmt = self.template.reasoning
+        reasoning = ReasoningSplitter(fmt, prompt.starts_in_thinking) if fmt else None
 
-        def read(text):
+        def read(text, final=False):
             """Generated text to events: reasoning apart from the answer, calls out of the answer."""
-            for kind, piece in reasoning.feed(text) if reasoning else (("text", text),):
+            for kind, piece in reasoning.feed(text, final) if reasoning else (("text", text),):
                 if kind == "text":
                     yield from read_answer(piece)
                 elif prompt.show_thinking:
                     yield ThinkingDelta(piece)
 
-        # formats whose markers are special tokens ([TOOL_CALLS], <|channel|>…) must see them as text
-        special = reply.tool_format not in (None, GENERIC)
+        # formats whose markers are special tokens ([TOOL_CALLS], harmony's <|channel|>…) must see them
+        # as text: calls only when tools are offered, harmony's reasoning in every reply
+        special = reply.tool_format not in (None, GENERIC) or (fmt is not None and fmt.special)
         try:
             room = self.n_ctx - len(prompt.tokens)
             limit = min(sampling.max_tokens, room)
@@ -378,7 +377,7 @@ class Engine:
                     thought += thinking
                     if thinking and reasoning.inside and prompt.thinking_budget and thought >= prompt.thinking_budget:
                         produced += self._close_reasoning(sampler, reasoning)
-            yield from read(stops.flush(decoder.decode(b"", final=True)) if stop_sequence is None else "")
+            yield from read(stops.flush(decoder.decode(b"", final=True)) if stop_sequence is None else "", final=True)
             if parser:
                 yield from parser.finish()
                 if parser.calls and stop_reason == "end_turn":
@@ -390,11 +389,12 @@ class Engine:
     def _close_reasoning(self, sampler, reasoning):
         """At the thinking budget, write the end of the reasoning section into the context as if the
         model had, so that the answer begins; returns how many tokens that took."""
-        tokens = self._llm.tokenize(REASONING_CLOSE.encode(), add_bos=False, special=True)
+        close = reasoning.fmt.budget_close
+        tokens = self._llm.tokenize(close.encode(), add_bos=False, special=True)
         for token in tokens:
             llama_cpp.llama_sampler_accept(sampler, token)
         self._decode(tokens)
-        reasoning.feed(REASONING_CLOSE)
+        reasoning.feed(close)
         return len(tokens)
 
     def _grammar_sampler(self, reply):
@@ -552,44 +552,93 @@ class StopMatcher:
         return emit
 
 
-class ReasoningSplitter:
-    """Splits generated text into reasoning and answer at the think tags, holding back what might
-    be the start of a tag; whitespace right after a tag is dropped.
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """How a family of models sets its reasoning apart from its answer: the reasoning runs from
+    `open` to `close`, and outside it the `headers` (what a format writes between its reasoning and
+    its answer) are dropped wherever they appear. No marker may contain another: that is what lets
+    `ReasoningSplitter` hold back only the end of its text and still split it the same way however
+    it is cut into tokens."""
 
-    >>> s = ReasoningSplitter(inside=False)
+    open: str
+    close: str
+    budget_close: str  # written into the context, as if by the model, when the thinking budget is spent
+    headers: tuple = ()
+    special: bool = False  # the markers are control tokens: they detokenize only as special pieces
+
+    def __post_init__(self):
+        markers = {self.open, self.close, *self.headers}
+        if any(a != b and b in a for a in markers for b in markers):
+            raise ValueError("a reasoning marker contains another one")
+
+    def opened_by(self, prompt_text):
+        """Whether a rendered prompt ends inside the reasoning (DeepSeek-R1 style generation prompts)."""
+        return prompt_text.rstrip().endswith(self.open)
+
+
+# Qwen 3, DeepSeek-R1 and their templates: reasoning between think tags, the answer after them.
+THINK_TAGS = ReasoningFormat("<think>", "</think>", budget_close="\n</think>\n\n")
+# gpt-oss (OpenAI harmony): reasoning is an analysis-channel message, the answer a final-channel one
+# (after the generation prompt `<|start|>assistant`, with or without analysis before it). A call,
+# `<|start|>assistant<|channel|>commentary to=functions.…`, reaches the call parser from `<|channel|>`
+# on; a commentary message without a recipient (a preamble to calls) is answer text.
+HARMONY_CHANNELS = ReasoningFormat(
+    "<|channel|>analysis<|message|>", "<|end|>",
+    budget_close="<|end|><|start|>assistant<|channel|>final<|message|>",
+    headers=("<|start|>assistant", "<|channel|>final<|message|>", "<|channel|>commentary<|message|>", "<|end|>"),
+    special=True)
+
+
+class ReasoningSplitter:
+    """Splits generated text into reasoning and answer at a format's markers, holding back what
+    might be the start of a marker; markers are dropped, and so is whitespace right after one.
+
+    >>> s = ReasoningSplitter(THINK_TAGS)
     >>> s.feed("<thi"), s.feed("nk>\\nhmm</thi"), s.feed("nk>\\n\\nYes")
     ([], [('thinking', 'hmm')], [('text', 'Yes')])
+    >>> s = ReasoningSplitter(HARMONY_CHANNELS)
+    >>> s.feed("<|channel|>analysis<|message|>hmm<|en"), s.feed("d|><|start|>assistant<|channel|>final<|message|>Yes")
+    ([('thinking', 'hmm')], [('text', 'Yes')])
     """
 
-    def __init__(self, inside):
+    def __init__(self, fmt, inside=False):
+        self.fmt = fmt
         self.inside = inside
         self._pending = ""
-        self._after_tag = inside
+        self._after_marker = inside
+        # what ends the stretch of text being read: inside the reasoning its close, outside its open
+        # or a header
+        self._markers = {True: (fmt.close,), False: (fmt.open, *fmt.headers)}
+        self._patterns = {side: re.compile("|".join(map(re.escape, markers)))
+                          for side, markers in self._markers.items()}
 
-    def feed(self, text):
-        """Returns [(kind, text)], kind "thinking" or "text"."""
+    def feed(self, text, final=False):
+        """Returns [(kind, text)], kind "thinking" or "text". `final`: generation ended, so what was
+        held back is not a marker after all."""
         self._pending += text
         out = []
-        while (at := self._pending.find(self._tag())) >= 0:
-            self._emit(out, self._pending[:at])
-            self._pending = self._pending[at + len(self._tag()):]
-            self.inside, self._after_tag = not self.inside, True
-        tag = self._tag()
-        keep = next((n for n in range(min(len(tag) - 1, len(self._pending)), 0, -1)
-                     if self._pending.endswith(tag[:n])), 0)
+        while match := self._patterns[self.inside].search(self._pending):
+            self._emit(out, self._pending[:match.start()])
+            self._pending = self._pending[match.end():]
+            # inside, the close ends the reasoning; outside, the open starts it and a header is skipped
+            self.inside, self._after_marker = not self.inside and match[0] == self.fmt.open, True
+        keep = 0 if final else _longest_marker_start(self._pending, self._markers[self.inside])
         self._emit(out, self._pending[:len(self._pending) - keep])
         self._pending = self._pending[len(self._pending) - keep:]
         return out
 
-    def _tag(self):
-        return THINK_CLOSE if self.inside else THINK_OPEN
-
     def _emit(self, out, piece):
-        if self._after_tag:
+        if self._after_marker:
             piece = piece.lstrip()
-            self._after_tag = not piece
+            self._after_marker = not piece
         if piece:
             out.append(("thinking" if self.inside else "text", piece))
+
+
+def _longest_marker_start(text, markers):
+    """The length of the longest end of `text` that is the start (not the whole) of a marker."""
+    return max((n for marker in markers for n in range(1, min(len(marker), len(text) + 1))
+                if text.endswith(marker[:n])), default=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -684,6 +733,18 @@ def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
 
+def detect_reasoning(template_source):
+    """The reasoning format a chat template teaches its model, or None when it teaches none.
+
+    >>> detect_reasoning("{{ '<|start|>assistant<|channel|>analysis<|message|>' }}") is HARMONY_CHANNELS
+    True
+    """
+    source = template_source or ""
+    if "<|channel|>" in source and "analysis" in source:
+        return HARMONY_CHANNELS
+    return THINK_TAGS if THINK_TAGS.open in source else None
+
+
 class ChatTemplate:
     """The GGUF's own Jinja chat template (sandboxed), or the labelled-turns fallback.
 
@@ -703,7 +764,7 @@ class ChatTemplate:
         self.end_strings = () if source else FALLBACK_END_STRINGS
         self.native_tools = template_supports_tools(source)
         self.tool_format = detect_format(source) if self.native_tools else GENERIC
-        self.reasons = THINK_OPEN in (source or "")
+        self.reasoning = detect_reasoning(source)
 
     def render(self, request):
         """The prompt text for a request: its history, then the start of the assistant's turn, then
@@ -760,6 +821,10 @@ def _native_turns(message):
     reasoning = "\n\n".join(b.thinking for b in message.content if isinstance(b, ThinkingBlock) and b.thinking)
     if reasoning:
         turn["reasoning_content"] = reasoning  # Qwen 3's name; templates without it ignore it
+        # gpt-oss's name. Its template has one analysis message before a call and refuses a call turn
+        # with both content and thinking; it shows the content there instead.
+        if not (calls and text):
+            turn["thinking"] = reasoning
     if calls:
         turn["tool_calls"] = calls
     return results + ([turn] if text or calls or not results else [])

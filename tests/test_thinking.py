@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import compat_server
 from conftest import Running, ScriptedEngine
-from engine import Engine, ReasoningSplitter
+from engine import THINK_TAGS, Engine, ReasoningSplitter
 from model_fixtures import _default_model_with
 from protocol import Finish, TextDelta, ThinkingDelta
 
@@ -32,7 +32,7 @@ def client(model_cache):
 
 
 def split(text, inside, cuts):
-    splitter, out, at = ReasoningSplitter(inside), [], 0
+    splitter, out, at = ReasoningSplitter(THINK_TAGS, inside), [], 0
     for cut in cuts + [len(text)]:
         out += splitter.feed(text[at:at + cut])
         at += cut
