@@ -16,8 +16,11 @@ test: $(STAMP)
 soak: $(STAMP)
 	LLAMA_COMPAT_SOAK=1 $(BIN)/python -m pytest tests/test_robustness.py -s
 
+# the server against Llama.generate (minutes), then Claude Code's first turn at ~20k tokens with
+# restarts, and prompt evaluation by depth for two models (about 15 minutes on 2 cores)
 bench: $(STAMP)
 	$(BIN)/python tests/bench.py
+	$(BIN)/python tests/bench_claude_code.py
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
