@@ -151,6 +151,7 @@ class DiskStates:
             return
         try:
             self._writes.get_nowait()
+            self._writes.task_done()  # the replaced state counts as handled, or flush() would wait forever
         except queue.Empty:
             pass
         self._writes.put((tokens, data))

@@ -4,6 +4,8 @@ folder (then it answers as a fresh evaluation)."""
 
 import logging
 import os
+import threading
+import time
 
 import pytest
 
@@ -79,3 +81,17 @@ def test_another_models_files_are_left_alone(tmp_path):
     mine.flush()
     other = DiskStates(str(tmp_path), 10**6, b"b" * 32)
     assert other.longest_prefix((1, 2, 3)) == (None, 0) and len(kv_files(tmp_path)) == 1
+
+
+def test_a_state_replaced_while_waiting_does_not_hold_up_flush(tmp_path, monkeypatch):
+    """Saves faster than the disk: the waiting one is replaced, and flush (at shutdown) still returns."""
+    states = DiskStates(str(tmp_path), 10**6, b"a" * 32)
+    write = states._write
+    monkeypatch.setattr(states, "_write", lambda tokens, data: (time.sleep(0.3), write(tokens, data)))
+    for i in range(3):
+        states.save((i,), bytearray(10))
+    flushed = threading.Thread(target=states.flush, daemon=True)
+    flushed.start()
+    flushed.join(5)
+    assert not flushed.is_alive()
+    assert states.longest_prefix((2,))[1] == 1  # the newest was written
