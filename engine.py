@@ -27,10 +27,10 @@ import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 
 from prompt_cache import DiskStates, StateCache, common_prefix, model_identity
-from protocol import (ApiError, Finish, TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, ToolResultBlock,
-                      ToolUseBlock)
+from protocol import (ApiError, Finish, Message, TextBlock, TextDelta, ThinkingBlock, ThinkingDelta,
+                      ToolResultBlock, ToolUseBlock)
 from tool_calls import (GENERIC, CallParser, ToolFormat, call_grammar, detect_format, format_call, json_grammar,
-                        template_supports_tools)
+                        lazy_call_grammar, template_supports_tools)
 
 log = logging.getLogger("llama-compat")
 
@@ -170,8 +170,11 @@ def plan_reply(request, tool_format):
         parallel = not choice.disable_parallel_tool_use
         if choice.type in ("any", "tool"):
             return ReplyPlan(call_grammar(tool_format, request.tools, choice.name), None, tool_format, names, parallel)
-        trigger = r"[\s\S]*?(" + _regex_literal(tool_format.open_marker) + r")[\s\S]*"
-        return ReplyPlan(call_grammar(tool_format, request.tools), trigger, tool_format, names, parallel)
+        # any of the format's open markers; the lazy prefix makes the earliest one the group, so harmony's
+        # ` to=functions.` inside `<|channel|>commentary to=functions.` is not taken for a call of its own
+        markers = "|".join(_regex_literal(fmt.open_marker) for fmt in (tool_format, *tool_format.variants))
+        trigger = r"[\s\S]*?(" + markers + r")[\s\S]*"
+        return ReplyPlan(lazy_call_grammar(tool_format, request.tools), trigger, tool_format, names, parallel)
     if request.json_schema is not None:
         return ReplyPlan(grammar=json_grammar(request.json_schema))
     return ReplyPlan()
@@ -376,7 +379,11 @@ class Engine:
                     self._decode([token])
                     thought += thinking
                     if thinking and reasoning.inside and prompt.thinking_budget and thought >= prompt.thinking_budget:
-                        produced += self._close_reasoning(sampler, reasoning)
+                        close = reasoning.fmt.budget_close
+                        closed = self._close_reasoning(sampler, close, limit - produced)
+                        if closed:
+                            produced += closed
+                            yield from read(stops.flush() + close)  # what was held back was reasoning
             yield from read(stops.flush(decoder.decode(b"", final=True)) if stop_sequence is None else "", final=True)
             if parser:
                 yield from parser.finish()
@@ -386,15 +393,16 @@ class Engine:
         finally:
             llama_cpp.llama_sampler_free(sampler)
 
-    def _close_reasoning(self, sampler, reasoning):
+    def _close_reasoning(self, sampler, close, room):
         """At the thinking budget, write the end of the reasoning section into the context as if the
-        model had, so that the answer begins; returns how many tokens that took."""
-        close = reasoning.fmt.budget_close
+        model had, so that the answer begins; returns how many tokens that took (0: it did not fit
+        in what is left of max_tokens and the context, and the reply ends as it is)."""
         tokens = self._llm.tokenize(close.encode(), add_bos=False, special=True)
+        if len(tokens) > room:
+            return 0
         for token in tokens:
             llama_cpp.llama_sampler_accept(sampler, token)
         self._decode(tokens)
-        reasoning.feed(close)
         return len(tokens)
 
     def _grammar_sampler(self, reply):
@@ -589,6 +597,9 @@ HARMONY_CHANNELS = ReasoningFormat(
     special=True)
 
 
+CONTROL_TOKEN = re.compile(r"<\|\w+\|>")
+
+
 class ReasoningSplitter:
     """Splits generated text into reasoning and answer at a format's markers, holding back what
     might be the start of a marker; markers are dropped, and so is whitespace right after one.
@@ -622,7 +633,13 @@ class ReasoningSplitter:
             self._pending = self._pending[match.end():]
             # inside, the close ends the reasoning; outside, the open starts it and a header is skipped
             self.inside, self._after_marker = not self.inside and match[0] == self.fmt.open, True
-        keep = 0 if final else _longest_marker_start(self._pending, self._markers[self.inside])
+        keep = _longest_marker_start(self._pending, self._markers[self.inside])
+        if final:
+            # what was held back is text after all, unless it is a header of control tokens cut short
+            # (a reply that ran out of tokens between two harmony messages)
+            if self.fmt.special and CONTROL_TOKEN.match(self._pending[len(self._pending) - keep:]):
+                self._pending = self._pending[:len(self._pending) - keep]
+            keep = 0
         self._emit(out, self._pending[:len(self._pending) - keep])
         self._pending = self._pending[len(self._pending) - keep:]
         return out

@@ -3,15 +3,16 @@
 Contract: `CallParser` turns a model's raw text, fed in pieces of any size, into `protocol` events
 (`TextDelta`, `ToolUseStart`, `ToolInputDelta`) for the call formats small local models are trained
 on (`ToolFormat`: hermes, llama3, mistral, harmony, and our own generic one); `call_grammar`,
-`rest_of_call_grammar` and `json_grammar` build llama.cpp GBNF that forces one call (or a whole JSON
-reply) to be well-formed; `format_call` writes a call as a model would. It never loads a model,
-touches a socket or HTTP, or raises on anything a model writes.
+`lazy_call_grammar`, `rest_of_call_grammar` and `json_grammar` build llama.cpp GBNF that forces one
+call (or a whole JSON reply) to be well-formed; `format_call` writes a call as a model would. It
+never loads a model, touches a socket or HTTP, or raises on anything a model writes.
 
 The parser's guarantees, exactly:
 1. `ToolUseStart(name)` is emitted only when `name` is one of `tool_names` and everything from the
-   open marker up to the `{` that opens the arguments matched the format. Until then nothing about
-   the call is emitted; if it stops matching, or generation ends first, its raw text comes out as
-   `TextDelta` character for character, and scanning resumes one character past where it began.
+   open marker up to the `{` that opens the arguments matched the format or one of its variants.
+   Until then nothing about the call is emitted; if it stops matching, or generation ends first, its
+   raw text comes out as `TextDelta` character for character, and scanning resumes one character
+   past where it began.
 2. The `ToolInputDelta`s after a `ToolUseStart` concatenate to a JSON text that strict `json.loads`
    reads as a dict: the exact text of the arguments as it arrives (raw control characters inside
    strings are escaped), where keys, commas, colons, numbers, literals and escapes wait until they
@@ -59,7 +60,9 @@ ARGS_OPEN = " {"  # every call's arguments are one JSON object
 class ToolFormat:
     """How one family of models writes a call: `format_call` joins open_marker, name_prefix, the
     name, args_prefix, the arguments' JSON, args_suffix and close_marker; `heads` and `after` are
-    the step patterns the parser accepts after the open marker and after the arguments."""
+    the step patterns the parser accepts after the open marker and after the arguments. `variants`
+    are other ways the same models open a call, each with its own open marker and heads; the parser
+    and `lazy_call_grammar` take them too, and the format's own `after` follows them."""
 
     name: str
     open_marker: str  # begins a call in free generation
@@ -72,6 +75,7 @@ class ToolFormat:
     after: tuple  # alternatives after a call: its close, or (with NAME) the next call of a list
     lead_ins: tuple = ()  # text dropped when it comes right before the open marker
     close_ends_generation: bool = False  # close_marker is an end-of-generation token: grammars stop before it
+    variants: tuple = ()  # more ToolFormats the same models write
 
     def __post_init__(self):
         if self.name not in FORMAT_NAMES:
@@ -100,10 +104,22 @@ MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", '[{"name": "', '", "arguments": 
                      heads=_MISTRAL_HEADS, after=_MISTRAL_AFTER)
 MISTRAL_ARGS = ToolFormat("mistral", "[TOOL_CALLS]", "", "[ARGS]", "", "", "arguments",
                           heads=_MISTRAL_HEADS, after=_MISTRAL_AFTER)
+# gpt-oss may also name the recipient before the channel, as its own chat template writes earlier
+# calls: `<|start|>assistant to=functions.NAME<|channel|>commentary json<|message|>`. Its generation
+# prompt ends with `<|start|>assistant`, so such a call may begin with ` to=functions.`. The content
+# type may be `<|constrain|>json` or missing, and a missing one leaves `<|channel|>commentary<|message|>`,
+# which engine.HARMONY_CHANNELS drops as a header: then the name comes right before the arguments.
+HARMONY_RECIPIENT_FIRST = ToolFormat(
+    "harmony", " to=functions.", "", "<|channel|>commentary json<|message|>", "", "<|call|>", "",
+    heads=((NAME, "<|channel|>commentary", " json", " <|message|>"),
+           (NAME, "<|channel|>commentary", " <|constrain|>json", " <|message|>"),
+           (NAME, "<|channel|>commentary", " <|message|>"), (NAME,)),
+    after=((" <|call|>",),), lead_ins=("<|start|>assistant",), close_ends_generation=True)
 # gpt-oss: `<|constrain|>json` may be missing, and `<|call|>` is an end-of-generation token.
 HARMONY = ToolFormat("harmony", "<|channel|>commentary to=functions.", "", " <|constrain|>json<|message|>", "",
                      "<|call|>", "", heads=((NAME, " <|constrain|>json", " <|message|>"), (NAME, " <|message|>")),
-                     after=((" <|call|>",),), lead_ins=("<|start|>assistant",), close_ends_generation=True)
+                     after=((" <|call|>",),), lead_ins=("<|start|>assistant",), close_ends_generation=True,
+                     variants=(HARMONY_RECIPIENT_FIRST,))
 
 
 # Text only one family's chat template contains; the first found names the format.
@@ -310,8 +326,10 @@ class CallParser:
         self.calls = 0  # ToolUseStarts emitted: the engine's stop_reason is "tool_use" when positive
         self._names = frozenset(tool_names)
         self._parallel = parallel
-        self._starts = tuple(lead + fmt.open_marker for lead in fmt.lead_ins) + (fmt.open_marker,)
-        self._heads = tuple(steps + (ARGS_OPEN,) for steps in fmt.heads)
+        # each text that starts a call, with the alternatives that may follow it; whitespace before a
+        # call is dropped, so a marker is found without its own leading whitespace
+        self._heads = {start: tuple(steps + (ARGS_OPEN,) for steps in f.heads) for f in (fmt, *fmt.variants)
+                       for start in (*(lead + f.open_marker for lead in f.lead_ins), f.open_marker.lstrip(SPACE))}
         self._after = tuple(steps + (ARGS_OPEN,) if NAME in steps else steps for steps in fmt.after)
         self._mode = "text"  # text | steps | args | rest | done: which _read_ method reads next
         self._pending, self._floor, self._after_call = "", 0, False  # text mode
@@ -357,7 +375,7 @@ class CallParser:
             text = text.lstrip(SPACE)
             self._after_call = not text
         self._pending += text
-        hits = [(at, -len(s), s) for s in self._starts if (at := self._pending.find(s, self._floor)) >= 0]
+        hits = [(at, -len(s), s) for s in self._heads if (at := self._pending.find(s, self._floor)) >= 0]
         if not hits:
             self._release_text(events, len(self._pending) - self._held_back())
             return ""
@@ -367,15 +385,15 @@ class CallParser:
         rest = self._pending[at + len(start):]
         self._release_text(events, kept)
         self._pending, self._floor = "", 0
-        self._start_steps(self._heads, after_call=False)
+        self._start_steps(self._heads[start], after_call=False)
         return rest
 
     def _held_back(self):
         """How much of the pending text's end might begin a call, with the whitespace before it."""
         tail = self._pending[self._floor:]
-        longest = max(len(s) for s in self._starts)
+        longest = max(len(s) for s in self._heads)
         n = next((n for n in range(min(len(tail), longest - 1), 0, -1)
-                  if any(s.startswith(tail[-n:]) for s in self._starts)), 0)
+                  if any(s.startswith(tail[-n:]) for s in self._heads)), 0)
         return len(self._pending) - len(self._pending[:len(self._pending) - n].rstrip(SPACE))
 
     def _release_text(self, events, n):
@@ -491,12 +509,18 @@ _GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|\{[^}]*\}|([a-
 def call_grammar(fmt, tools, forced_name=None):
     """GBNF whose `root` is one complete call in `fmt`, open marker included, to one of `tools`
     (protocol.Tool) or only to `forced_name`: for tool_choice "any" and "tool"."""
-    return _calls_grammar(fmt, tools, forced_name, _literal(fmt.open_marker) + " call")
+    return _calls_grammar((fmt,), tools, forced_name, with_open_marker=True)
+
+
+def lazy_call_grammar(fmt, tools):
+    """GBNF for one call in `fmt` or one of its variants, open marker included: for tool_choice
+    "auto", where llama.cpp applies it from the first open marker the model writes by itself."""
+    return _calls_grammar((fmt, *fmt.variants), tools, None, with_open_marker=True)
 
 
 def rest_of_call_grammar(fmt, tools):
     """GBNF for what follows once the model wrote the open marker by itself (tool_choice "auto")."""
-    return _calls_grammar(fmt, tools, None, "call")
+    return _calls_grammar((fmt,), tools, None, with_open_marker=False)
 
 
 def json_grammar(schema):
@@ -505,18 +529,21 @@ def json_grammar(schema):
     return _convert_or(schema, ANY_JSON) + "\n"
 
 
-def _calls_grammar(fmt, tools, forced_name, root):
+def _calls_grammar(fmts, tools, forced_name, with_open_marker):
     chosen = [tool for tool in tools if forced_name in (None, tool.name)]
     if not chosen:
         raise ValueError(f"no tool named {forced_name!r} to build a grammar for")
-    close = fmt.args_suffix + ("" if fmt.close_ends_generation else fmt.close_marker)
-    alternatives, rules = [], []
-    for i, tool in enumerate(chosen):
-        prefix = f"tool{i}-"  # each tool's schema rules apart, so equal $defs names never collide
-        rules.append(_prefix_rules(_arguments_grammar(tool.input_schema), prefix))
-        head = _literal(fmt.name_prefix + tool.name + fmt.args_prefix)
-        alternatives.append(f"{head} {prefix}root" + (f" {_literal(close)}" if close else ""))
-    return "\n".join([f"root ::= {root}", "call ::= " + " | ".join(alternatives)] + rules) + "\n"
+    # each tool's schema rules apart, so equal $defs names never collide
+    rules = [_prefix_rules(_arguments_grammar(tool.input_schema), f"tool{i}-") for i, tool in enumerate(chosen)]
+    roots, calls = [], []
+    for k, fmt in enumerate(fmts):
+        call = "call" + (str(k) if k else "")  # one rule per format: its calls to each tool
+        close = fmt.args_suffix + ("" if fmt.close_ends_generation else fmt.close_marker)
+        alternatives = [_literal(fmt.name_prefix + tool.name + fmt.args_prefix) + f" tool{i}-root"
+                        + (f" {_literal(close)}" if close else "") for i, tool in enumerate(chosen)]
+        roots.append((_literal(fmt.open_marker) + " " if with_open_marker else "") + call)
+        calls.append(f"{call} ::= " + " | ".join(alternatives))
+    return "\n".join(["root ::= " + " | ".join(roots)] + calls + rules) + "\n"
 
 
 def _arguments_grammar(schema):

@@ -1,15 +1,18 @@
 """Reasoning formats without a model: think tags and gpt-oss harmony channels split into thinking and
-answer whatever the token boundaries, the budget close ends the reasoning, a harmony call reaches the
-call parser intact, and earlier reasoning is rendered where a template takes it."""
+answer whatever the token boundaries, the budget close ends the reasoning, a harmony call in either order
+reaches the call parser intact and triggers the lazy call grammar where it begins, and earlier reasoning is
+rendered where a template takes it."""
 
 import json
+import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import protocol
-from engine import HARMONY_CHANNELS, THINK_TAGS, ChatTemplate, ReasoningSplitter
-from protocol import TextDelta, ToolInputDelta, ToolUseStart
+from engine import CONTROL_TOKEN, HARMONY_CHANNELS, THINK_TAGS, ChatTemplate, ReasoningSplitter, plan_reply
+from protocol import ToolInputDelta, ToolUseStart
 from tool_calls import HARMONY, CallParser
 
 ANALYSIS, FINAL = "<|channel|>analysis<|message|>", "<|channel|>final<|message|>"
@@ -59,8 +62,9 @@ def cut(text, sizes):
     return pieces + [text[at:]]
 
 
+# text a model writes: no markers, and no control tokens (they are never part of an answer)
 plain = st.lists(st.sampled_from(FRAGMENTS), max_size=12).map("".join).filter(
-    lambda text: not any(marker in text for marker in MARKERS))
+    lambda text: not any(marker in text for marker in MARKERS) and not CONTROL_TOKEN.search(text))
 
 
 # --- harmony: thinking and answer ----------------------------------------------------------------------
@@ -102,25 +106,43 @@ def test_a_preamble_on_the_commentary_channel_is_text():
     assert split(HARMONY_CHANNELS, [text]) == {"thinking": "", "text": "Checking the weather.Rain."}
 
 
-def test_a_harmony_call_after_analysis_reaches_the_call_parser_from_its_open_marker():
-    call = HARMONY.open_marker + 'get_weather <|constrain|>json<|message|>{"city": "Paris"}'
-    text = ANALYSIS + "The user wants the weather." + NEXT + call  # <|call|> ends generation: never text
+# How gpt-oss opens a call right after `<|start|>assistant`: channel first, or recipient first with each
+# content type (its own template writes earlier calls recipient first, with " json").
+CALL_OPENINGS = [HARMONY.open_marker + "get_weather <|constrain|>json<|message|>",
+                 " to=functions.get_weather<|channel|>commentary json<|message|>",
+                 " to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>",
+                 " to=functions.get_weather<|channel|>commentary<|message|>"]
+
+
+@pytest.mark.parametrize("analysed", [True, False])
+@pytest.mark.parametrize("opening", CALL_OPENINGS)
+def test_a_harmony_call_in_either_order_reaches_the_call_parser_as_one_call_and_no_text(opening, analysed):
+    analysis = ANALYSIS + "The user wants the weather." + NEXT if analysed else ""
+    text = analysis + opening + '{"city": "Paris"}'  # <|call|> ends generation: never text
     for chunks in ([text], list(text)):
-        splitter, parser, thinking, answer, events = ReasoningSplitter(HARMONY_CHANNELS), CallParser(
-            HARMONY, ["get_weather"]), "", "", []
-        for chunk in chunks:
-            for kind, piece in splitter.feed(chunk):
+        splitter, parser, thinking, events = ReasoningSplitter(HARMONY_CHANNELS), CallParser(
+            HARMONY, ["get_weather"]), "", []
+        for i, chunk in enumerate(chunks):
+            for kind, piece in splitter.feed(chunk, final=i == len(chunks) - 1):
                 if kind == "thinking":
                     thinking += piece
                 else:
-                    answer += piece
                     events += parser.feed(piece)
         events += parser.finish()
-        assert thinking == "The user wants the weather." and answer == call
-        assert [e for e in events if isinstance(e, TextDelta)] == []
-        assert events[0] == ToolUseStart("get_weather")
-        assert json.loads("".join(e.partial_json for e in events[1:] if isinstance(e, ToolInputDelta))) == {
-            "city": "Paris"}
+        assert thinking == ("The user wants the weather." if analysed else "")
+        assert events[0] == ToolUseStart("get_weather") and parser.calls == 1
+        assert all(isinstance(e, ToolInputDelta) for e in events[1:])
+        assert json.loads("".join(e.partial_json for e in events[1:])) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize("analysed", [True, False])
+@pytest.mark.parametrize("opening", CALL_OPENINGS)
+def test_the_lazy_call_grammar_is_triggered_where_a_harmony_call_begins_in_either_order(opening, analysed):
+    plan = plan_reply(request(tools=[{"name": "get_weather", "input_schema": {"type": "object"}}],
+                              messages=[{"role": "user", "content": "Weather?"}]), HARMONY)
+    analysis = ANALYSIS + "The user wants the weather." + NEXT if analysed else ""
+    match = re.fullmatch(plan.trigger, analysis + opening)  # as llama.cpp's ECMAScript std::regex matches it
+    assert match.start(1) == len(analysis) and opening.startswith(match[1])  # the grammar starts with the call
 
 
 # --- the thinking budget -------------------------------------------------------------------------------
@@ -172,3 +194,8 @@ def test_earlier_thinking_before_a_call_is_rendered_and_a_call_turn_with_text_st
     history[1]["content"].insert(1, {"type": "text", "text": "Let me check."})
     text = template.render(request(tools=weather, messages=history))
     assert FINAL + "Let me check.<|end|>" in text and "Call the tool." not in text
+
+
+def test_a_harmony_reply_cut_short_between_two_messages_shows_no_control_tokens():
+    assert split(HARMONY_CHANNELS, [FINAL + "Hi<", "|end|>" + NEXT + "<|channel|>"]) == {"thinking": "", "text": "Hi"}
+    assert split(HARMONY_CHANNELS, [FINAL + "x <"]) == {"thinking": "", "text": "x <"}

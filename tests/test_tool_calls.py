@@ -14,18 +14,24 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 import tool_calls
 from protocol import MAX_JSON_DEPTH, TextDelta, Tool, ToolInputDelta, ToolUseStart
-from tool_calls import (GENERIC, HARMONY, HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, CallParser, call_grammar,
-                        detect_format, format_call, json_grammar, rest_of_call_grammar, template_supports_tools)
+from tool_calls import (GENERIC, HARMONY, HARMONY_RECIPIENT_FIRST, HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS,
+                        CallParser, call_grammar, detect_format, format_call, json_grammar, lazy_call_grammar,
+                        rest_of_call_grammar, template_supports_tools)
 
-FORMATS = [HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, HARMONY, GENERIC]
-FORMAT_IDS = ["hermes", "llama3", "mistral", "mistral-args", "harmony", "generic"]
+FORMATS = [HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, HARMONY, HARMONY_RECIPIENT_FIRST, GENERIC]
+FORMAT_IDS = ["hermes", "llama3", "mistral", "mistral-args", "harmony", "harmony-recipient-first", "generic"]
 TOOLS = ["get_weather", "get_time"]
 # How models separate consecutive calls when each call carries its own open marker.
 SEPARATORS = {"hermes": "\n", "llama3": "; ", "harmony": "<|start|>assistant", "generic": "\n"}
 
 
+def reader(fmt):
+    """The format whose parser reads calls written in `fmt`: a variant's is its main format's."""
+    return HARMONY if fmt is HARMONY_RECIPIENT_FIRST else fmt
+
+
 def parse(fmt, chunks, names=TOOLS, parallel=True):
-    parser = CallParser(fmt, names, parallel=parallel)
+    parser = CallParser(reader(fmt), names, parallel=parallel)
     events = [event for chunk in chunks for event in parser.feed(chunk)]
     return events + parser.finish()
 
@@ -82,6 +88,9 @@ SAMPLES = [
     ('I will check.<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
      '{"city":"Paris","days":[1,2],"unit":null}<|call|><|start|>assistant<|channel|>commentary '
      'to=functions.get_time<|message|>{"tz": "Europe/Paris"}<|call|>', HARMONY),
+    ('I will check.<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>'
+     '{"city":"Paris","days":[1,2],"unit":null}<|call|><|start|>assistant to=functions.get_time<|channel|>'
+     'commentary <|constrain|>json<|message|>{"tz": "Europe/Paris"}<|call|>', HARMONY),
 ]
 
 
@@ -108,6 +117,17 @@ def test_the_arguments_stream_as_they_arrive():
     assert parser.feed('", "n": 12') == [ToolInputDelta('"')]  # the number may go on
     assert parser.feed("3}}\n</tool_call>") == [ToolInputDelta(', "n": 123}')]
     assert not parser.in_call and parser.finish() == [] and parser.done
+
+
+@pytest.mark.parametrize("opening", ["<|start|>assistant to=functions.", " to=functions.", "to=functions."])
+@pytest.mark.parametrize("channel", ["<|channel|>commentary json", "<|channel|>commentary <|constrain|>json",
+                                     "<|channel|>commentary", ""])  # "": the splitter took it for a header
+def test_harmony_reads_a_call_whose_recipient_comes_before_its_channel(opening, channel):
+    head = channel + "<|message|>" if channel else ""
+    text = "I will check." + opening + "get_time" + head + '{"tz": "Europe/Paris"}<|call|>'
+    expected = [("text", "I will check."), ("tool_use",) + TIME]
+    assert loaded(parse(HARMONY, [text])) == expected
+    assert loaded(parse(HARMONY, list(text))) == expected
 
 
 def test_in_call_turns_true_as_soon_as_the_open_marker_is_complete():
@@ -190,7 +210,8 @@ fragments = st.lists(st.sampled_from([
     "<tool_call>", "</tool_call>", '{"name"', '"name"', ": ", '"get_weather"', '"nope"', "get_weather", "get_time",
     ", ", '"arguments"', '"input"', '"parameters"', ":", "{", "}", "[", "]", '"', "\\", "1", "tru", "null",
     "[TOOL_CALLS]", "[ARGS]", "<|channel|>commentary to=functions.", "<|message|>", " <|constrain|>json",
-    "<|call|>", "<|start|>assistant", "<|python_tag|>", ";", "\n", " ", "x", "é",
+    "<|call|>", "<|start|>assistant", "<|python_tag|>", " to=functions.", "<|channel|>commentary", " json", ";",
+    "\n", " ", "x", "é",
 ]) | st.text(max_size=3), max_size=30).map("".join)
 
 
@@ -310,6 +331,7 @@ def test_a_template_supports_tools_only_if_its_code_uses_them():
     (MISTRAL, '[TOOL_CALLS][{"name": "f", "arguments": {"a": "é"}}]'),
     (MISTRAL_ARGS, '[TOOL_CALLS]f[ARGS]{"a": "é"}'),
     (HARMONY, '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": "é"}<|call|>'),
+    (HARMONY_RECIPIENT_FIRST, ' to=functions.f<|channel|>commentary json<|message|>{"a": "é"}<|call|>'),
 ])
 def test_format_call_writes_what_the_model_writes(fmt, expected):
     assert format_call(fmt, "f", {"a": "é"}) == expected
@@ -417,6 +439,7 @@ def test_a_call_grammar_lets_the_model_write_a_valid_call_and_stop(fmt, key, voc
         text = text[:len(text) - len(fmt.close_marker)]
     assert accepts(vocab, call_grammar(fmt, tools), text)
     assert accepts(vocab, rest_of_call_grammar(fmt, tools), text[len(fmt.open_marker):])
+    assert accepts(vocab, lazy_call_grammar(reader(fmt), tools), text)
 
 
 def test_a_call_grammar_holds_the_model_to_the_schema_and_the_forced_tool(vocab):
