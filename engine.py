@@ -244,12 +244,6 @@ class Engine:
             piece = self._pieces[(token, special)] = buf.raw[:n]
         return piece
 
-    def close(self):
-        """Waits for the prompt state being written to disk, so that stopping the server right after
-        a long first turn still leaves it for the next start."""
-        if self._disk is not None:
-            self._disk.flush()
-
     def _token_text(self, token):
         if token < 0:
             return ""
@@ -442,6 +436,12 @@ class Engine:
         if data is not None and self._restore(restore, data):
             live = common_prefix(restore, target)
         return self._cut(live)
+
+    def close(self):
+        """Waits for the prompt state being written to disk, so that stopping the server right after
+        a long first turn still leaves it for the next start."""
+        if self._disk is not None:
+            self._disk.flush()
 
     def _persist(self, evaluated):
         """A prompt that took long to evaluate is worth keeping across restarts: its state is copied
@@ -790,7 +790,7 @@ class ChatTemplate:
         history = request.messages[:-1] if last_is_prefill else request.messages
         offered = request.tools if request.tool_choice.type != "none" else ()
         opening, history = _split_opening_system(history)
-        system = "\n\n".join(text for text in (request.system, *opening) if text)
+        system = "\n\n".join(text for text in (*opening, request.system) if text)
         system = system if self.native_tools else _generic_system_text(system, offered)
         turns = [{"role": "system", "content": system}] if system else []
         for message in history:
@@ -801,8 +801,12 @@ class ChatTemplate:
             text = self._render(turns, tools, request.thinking)
         except jinja2.TemplateError:
             # Templates that allow a system turn only first (or strict alternation) get mid-conversation
-            # system messages folded into the next user turn.
-            text = self._render(_fold_system_turns(turns), tools, request.thinking)
+            # system messages folded into a neighbouring user turn.
+            try:
+                text = self._render(_fold_system_turns(turns), tools, request.thinking)
+            except jinja2.TemplateError as exc:  # the conversation, not the server, is what it refuses
+                raise ApiError(400, "invalid_request_error",
+                               f"the model's chat template cannot render this conversation: {exc}") from None
         return text + request.prefill
 
     def _render(self, turns, tools, thinking):
@@ -812,14 +816,26 @@ class ChatTemplate:
 
 
 def _split_opening_system(messages):
-    """System messages sent before the model's first turn go with the system prompt, ahead of the
-    user's words: they are context for the whole conversation, and Claude Code's agent list (~1,500
-    tokens, the same in every conversation) arrives that way right after the first user message, so
-    rendered in place it would be evaluated anew, deep in the context, for every new conversation.
-    Returns (their texts, the other messages); later system messages stay where they are."""
+    """System messages sent before the model's first turn go with the system prompt, before it:
+    they are context for the whole conversation, and Claude Code's agent list (~1,500 tokens, the
+    same in every conversation) arrives that way right after the first user message, so rendered in
+    place it would be evaluated anew, deep in the context, for every new conversation; and before the
+    system prompt, which names the working folder, it is shared by conversations in other folders too.
+    Returns (their texts, the other messages); later system messages stay where they are, and so do
+    all of them when no user message would be left to render."""
     first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
     opening = [m.content[0].text for m in messages[:first_reply] if m.role == "system"]
-    return opening, [m for i, m in enumerate(messages) if i >= first_reply or m.role != "system"]
+    rest = []
+    for i, m in enumerate(messages):
+        if i < first_reply and m.role == "system":
+            continue
+        if rest and rest[-1].role == m.role == "user":  # were apart only by a system message
+            rest[-1] = Message("user", rest[-1].content + m.content)
+        else:
+            rest.append(m)
+    if not any(m.role == "user" for m in rest):
+        return [], list(messages)
+    return opening, rest
 
 
 def _tool_json(tool):
@@ -874,10 +890,15 @@ def _generic_content_text(blocks):
 
 
 def _fold_system_turns(turns):
+    """Each system turn after the first joins the user turn just before it, or else the next one, so
+    it never crosses an assistant turn and the next request's rendering keeps this one as its prefix."""
     folded, pending = [], []
     for i, turn in enumerate(turns):
         if turn["role"] == "system" and i > 0:
-            pending.append(turn["content"])
+            if folded and folded[-1]["role"] == "user" and not pending:
+                folded[-1] = {"role": "user", "content": folded[-1]["content"] + "\n\n" + turn["content"]}
+            else:
+                pending.append(turn["content"])
         elif pending and turn["role"] == "user":
             folded.append({"role": "user", "content": "\n\n".join(pending + [turn["content"]])})
             pending = []

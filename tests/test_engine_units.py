@@ -80,14 +80,42 @@ def test_a_system_message_after_the_first_reply_stays_in_place_where_the_templat
     assert text.index("assistant\nok") < text.index("system\nagents") < text.index("user\nb")
 
 
-def test_system_messages_before_the_first_reply_join_the_system_prompt_ahead_of_the_users_words():
+def test_system_messages_before_the_first_reply_go_before_the_system_prompt_ahead_of_the_users_words():
     first_turn = [{"role": "user", "content": "a"}, {"role": "system", "content": "agents"}]
     text = ChatTemplate(CHATML, "", "").render(request(system="S", messages=first_turn))
-    assert text.startswith("<|im_start|>system\nS\n\nagents<|im_end|>\n<|im_start|>user\na<|im_end|>")
+    assert text.startswith("<|im_start|>system\nagents\n\nS<|im_end|>\n<|im_start|>user\na<|im_end|>")
     # the next turn renders the same prefix, so its KV cache is reused
     later = ChatTemplate(CHATML, "", "").render(request(system="S", messages=first_turn + [
         {"role": "assistant", "content": "ok"}, {"role": "user", "content": "b"}]))
-    assert later.startswith(text[:text.index("<|im_start|>assistant")])
+    assert later.startswith(text)
+
+
+def test_user_messages_that_only_a_system_message_kept_apart_become_one_turn():
+    text = ChatTemplate(STRICT, "", "").render(request(system="S", messages=[
+        {"role": "user", "content": "a"}, {"role": "system", "content": "agents"}, {"role": "user", "content": "b"}]))
+    assert text == "[system]agents\n\nS[user]a\n\nb[assistant]"
+
+
+def test_a_conversation_of_system_messages_only_is_rendered_as_sent():
+    text = ChatTemplate(CHATML, "", "").render(request(messages=[{"role": "system", "content": "x"}]))
+    assert text == "<|im_start|>system\nx<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_later_system_message_folds_into_the_user_turn_before_it_and_stays_there_next_turn():
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "b"}, {"role": "system", "content": "note"}]
+    text = ChatTemplate(STRICT, "", "").render(request(messages=turns))
+    assert text == "[user]a[assistant]ok[user]b\n\nnote[assistant]"
+    later = ChatTemplate(STRICT, "", "").render(request(messages=turns + [
+        {"role": "assistant", "content": "fine"}, {"role": "user", "content": "c"}]))
+    assert later.startswith(text)
+
+
+def test_a_conversation_the_template_refuses_is_a_400():
+    picky = "{{ raise_exception('No user query found in messages.') }}"
+    with pytest.raises(protocol.ApiError) as refused:
+        ChatTemplate(picky, "", "").render(request(messages=[{"role": "user", "content": "a"}]))
+    assert refused.value.status == 400 and "No user query found" in refused.value.message
 
 
 def test_a_template_that_refuses_it_gets_it_folded_into_the_next_user_turn():
