@@ -14,10 +14,12 @@ user starts it, --ctx 32768):
 - cold: a fresh server with an empty cache folder;
 - a second conversation in the same folder (target <= 15 s);
 - a third conversation after a restart of the server, from the disk cache (target <= 15 s);
-and, through the engine in a worker process, prompt evaluation tokens/s at several depths for the
+- then one in another folder (the system prompt differs from its environment section on);
+the server's peak RSS and the disk cache's size; and, through the engine in a worker process, prompt evaluation tokens/s at several depths for the
 default model and Gemma 3 270M (a sliding-window architecture).
 """
 
+import http.client
 import json
 import os
 import random
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
@@ -86,8 +89,10 @@ def tool(rng, i):
                              "$schema": "http://json-schema.org/draft-07/schema#"}}
 
 
-def claude_code_request(user_words, billing):
-    """A Claude Code first turn; everything but `user_words` and `billing` is the same in every call."""
+def claude_code_request(user_words, billing, folder="/home/user/project"):
+    """A Claude Code first turn; everything but `user_words`, `billing` and `folder` is the same in
+    every call. As in Claude Code, the folder is named in an environment section near the end of the
+    long system block."""
     rng = random.Random(2197)
     tools = [tool(rng, i) for i in range(24)]
     cached = {"type": "ephemeral"}
@@ -95,7 +100,9 @@ def claude_code_request(user_words, billing):
         {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.{billing}; cc_entrypoint=sdk-cli;"},
         {"type": "text", "text": "You are a command line coding agent, working in the user's folder.",
          "cache_control": cached},
-        {"type": "text", "text": prose(rng, 720), "cache_control": cached},
+        {"type": "text", "text": f"{prose(rng, 560)}\n\n# Environment\nWorking directory: {folder}\n"
+                                 f"Is a git repository: true\nPlatform: linux\n\n{prose(rng, 150)}",
+         "cache_control": cached},
     ]
     reminder = f"<system-reminder>\n{prose(rng, 45)}\n</system-reminder>"
     agents = "Available agent types:\n" + "\n".join(f"- agent{k}: {prose(rng, 35)}" for k in range(20))
@@ -143,17 +150,26 @@ class Server:
                 return
             except OSError:
                 time.sleep(0.1)
+        self.proc.kill()
         raise SystemExit(f"the server did not start (log: {log_path})")
+
+    def peak_rss_mb(self):
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 
     def stop(self):
         """SIGTERM, as a user stops it: in-flight work and the disk writes finish first."""
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(120)
-        self.log.close()
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise SystemExit("the server did not stop within 120 s of SIGTERM")
+        finally:
+            self.log.close()
 
     def first_token(self, body):
         """(seconds to the first non-empty content delta, final usage) of one streamed request."""
-        import http.client
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=900)
         started = time.perf_counter()
         connection.request("POST", "/v1/messages?beta=true", json.dumps(body),
@@ -172,6 +188,8 @@ class Server:
             if event["type"] == "message_delta":
                 usage = event["usage"]
         connection.close()
+        if first is None:
+            raise SystemExit(f"no content in the reply (usage {usage})")
         return first, usage
 
 
@@ -183,18 +201,22 @@ def measure_conversations(workdir):
         cold, cold_usage = server.first_token(claude_code_request("Summarize what this project does.", "a1f"))
         second, second_usage = server.first_token(
             claude_code_request("List the tests that are slow and why.", "7c2"))
+        rss_mb = server.peak_rss_mb()
     finally:
         server.stop()
     server = Server(cache_dir, log_path)
     try:
         restarted, restarted_usage = server.first_token(
             claude_code_request("Which files handle the network?", "e05"))
+        elsewhere, elsewhere_usage = server.first_token(
+            claude_code_request("What does the parser do?", "b39", folder="/home/user/other-project"))
     finally:
         server.stop()
     disk_mb = sum(os.path.getsize(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir)) / 2**20
     return [("cold (fresh server, empty cache)", cold, cold_usage, None),
             ("second conversation, same folder", second, second_usage, TARGET_SECONDS),
-            ("third conversation after a restart (disk)", restarted, restarted_usage, TARGET_SECONDS)], disk_mb
+            ("third conversation after a restart (disk)", restarted, restarted_usage, TARGET_SECONDS),
+            ("a conversation in another folder", elsewhere, elsewhere_usage, None)], disk_mb, rss_mb
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,8 +226,6 @@ def measure_conversations(workdir):
 def depth_worker(model_path):
     """Evaluates DEPTH_PROMPT_TOKENS of the request's text in the engine's batches and prints the
     time each batch began (the engine asks `cancelled()` once before each batch)."""
-    from dataclasses import replace
-
     from engine import PROMPT_BATCH, Engine, Sampling
     from protocol import parse_messages_request
     engine = Engine(model_path, n_ctx=CTX, n_threads=THREADS, cache_ram_mb=0)
@@ -241,7 +261,7 @@ def measure_depths():
 def main():
     workdir = tempfile.mkdtemp(prefix="llama-compat-bench-")
     try:
-        conversations, disk_mb = measure_conversations(workdir)
+        conversations, disk_mb, rss_mb = measure_conversations(workdir)
         depths = measure_depths()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -254,7 +274,8 @@ def main():
         print(f"{name:44} {seconds:8.1f} {prompt:7} {usage['cache_read_input_tokens']:7}  {verdict}")
     cold = conversations[0][1]
     print(f"cold / second conversation: {cold / conversations[1][1]:.0f}x; "
-          f"cold / after restart: {cold / conversations[2][1]:.0f}x; disk cache used: {disk_mb:.0f} MB")
+          f"cold / after restart: {cold / conversations[2][1]:.0f}x")
+    print(f"server peak RSS over the first two conversations: {rss_mb:.0f} MB; disk cache used: {disk_mb:.0f} MB")
     print(f"\nprompt evaluation, tokens/s by depth (engine batches of 512, ctx {CTX}):")
     print(f"{'model':24} " + " ".join(f"{d:>7}" for d in DEPTHS) + f" {'total':>16}")
     for name, result in depths:
