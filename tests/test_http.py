@@ -9,6 +9,7 @@ import pytest
 
 import compat_server
 from conftest import Running, ScriptedEngine
+from engine import ChatTemplate
 from protocol import Finish, TextDelta
 
 BODY = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
@@ -225,3 +226,11 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_the_model(served, eng
     started = time.monotonic()
     status, _, reply = exchange(served, post("/v1/messages", {**BODY, "max_tokens": 2}))
     assert status == 200 and time.monotonic() - started < 5
+
+
+def test_a_conversation_the_models_template_refuses_is_a_400_in_anthropics_shape(served, engine, monkeypatch):
+    refusing = ChatTemplate("{{ raise_exception('No user query found in messages.') }}", "", "")
+    monkeypatch.setattr(engine, "template", refusing)
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        message = assert_error(exchange(served, post(path, BODY)), 400, "invalid_request_error")
+        assert "No user query found" in message
