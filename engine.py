@@ -27,8 +27,8 @@ import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 
 from prompt_cache import DiskStates, StateCache, common_prefix, model_identity
-from protocol import (ApiError, Finish, Message, TextBlock, TextDelta, ThinkingBlock, ThinkingDelta,
-                      ToolResultBlock, ToolUseBlock)
+from protocol import (ApiError, Finish, TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, ToolResultBlock,
+                      ToolUseBlock, join_turns)
 from tool_calls import (GENERIC, CallParser, ToolFormat, call_grammar, detect_format, format_call, json_grammar,
                         lazy_call_grammar, template_supports_tools)
 
@@ -80,20 +80,23 @@ def _check_gguf_file(path):
 
 
 def read_gguf_metadata(model_path, keys):
-    """Some metadata of a GGUF, read through a vocab-only load (a fraction of a second)."""
+    """Some metadata of a GGUF, read through one vocab-only load (a fraction of a second); `{arch}`
+    in a key stands for the model's architecture, as in llama.cpp's own key names."""
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     with suppress_stdout_stderr(disable=False):
         model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
     if not model:
         raise ModelLoadError(f"llama.cpp could not read {model_path}; is it a complete GGUF?")
+    buf = ctypes.create_string_buffer(256)
+
+    def value(key):
+        found = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf)) >= 0
+        return buf.value.decode("utf-8", "replace") if found else None
+
     try:
-        buf = ctypes.create_string_buffer(256)
-        values = {}
-        for key in keys:
-            if llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf)) >= 0:
-                values[key] = buf.value.decode("utf-8", "replace")
-        return values
+        arch = value("general.architecture") or ""
+        return {key: v for key in keys if (v := value(key.format(arch=arch))) is not None}
     finally:
         llama_cpp.llama_model_free(model)
 
@@ -102,10 +105,9 @@ def rope_scaling(model_path, n_ctx, yarn):
     """Context past the training length breaks a model down unless its rope positions are scaled:
     YaRN, with frequency scale = training context / context, unless the GGUF declares its own
     scaling (then llama.cpp applies that) or `yarn` is off. Returns Llama keyword arguments."""
-    arch = read_gguf_metadata(model_path, ["general.architecture"]).get("general.architecture", "")
-    meta = read_gguf_metadata(model_path, [f"{arch}.context_length", f"{arch}.rope.scaling.type"])
-    trained = int(meta.get(f"{arch}.context_length", "0") or 0)
-    declared = meta.get(f"{arch}.rope.scaling.type", "none") not in ("", "none")
+    meta = read_gguf_metadata(model_path, ["{arch}.context_length", "{arch}.rope.scaling.type"])
+    trained = int(meta.get("{arch}.context_length", "0") or 0)
+    declared = meta.get("{arch}.rope.scaling.type", "none") not in ("", "none")
     if not yarn or declared or not 0 < trained < n_ctx:
         return {}
     log.info("context %d exceeds the model's training context %d: YaRN rope scaling x%.2g "
@@ -457,13 +459,15 @@ class Engine:
         keep a copy so that returning to it costs a restore, not an evaluation."""
         if len(self._kv_tokens) - keep < CACHE_MIN_TOKENS:
             return
-        if llama_cpp.llama_state_seq_get_size(self._ctx, 0) <= self._states.budget:
-            data = self._copy_state()
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+        if size <= self._states.budget:
+            data = self._copy_state(size)
             if data is not None:
                 self._states.put(tuple(self._kv_tokens), data)
 
-    def _copy_state(self):
-        size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+    def _copy_state(self, size=None):
+        """The live state's bytes (`size`: llama_state_seq_get_size's answer, when already asked)."""
+        size = size or llama_cpp.llama_state_seq_get_size(self._ctx, 0)
         data = (ctypes.c_uint8 * size)()
         return data if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, 0) == size else None
 
@@ -825,14 +829,8 @@ def _split_opening_system(messages):
     all of them when no user message would be left to render."""
     first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
     opening = [m.content[0].text for m in messages[:first_reply] if m.role == "system"]
-    rest = []
-    for i, m in enumerate(messages):
-        if i < first_reply and m.role == "system":
-            continue
-        if rest and rest[-1].role == m.role == "user":  # were apart only by a system message
-            rest[-1] = Message("user", rest[-1].content + m.content)
-        else:
-            rest.append(m)
+    # user messages that only a system message kept apart become one turn, as the API joins them
+    rest = join_turns([m for i, m in enumerate(messages) if i >= first_reply or m.role != "system"])
     if not any(m.role == "user" for m in rest):
         return [], list(messages)
     return opening, rest

@@ -39,6 +39,16 @@ def common_prefix(a, b):
     return i
 
 
+def longest_prefix(candidates, tokens):
+    """(the candidate sharing the longest prefix with `tokens`, that prefix's length)."""
+    best, best_len = None, 0
+    for saved in candidates:
+        n = common_prefix(saved, tokens)
+        if n > best_len:
+            best, best_len = saved, n
+    return best, best_len
+
+
 def model_identity(path):
     """A digest of a model file's size and both ends: states of another model never match."""
     digest = hashlib.sha256()
@@ -62,13 +72,7 @@ class StateCache:
         self._bytes = 0
 
     def longest_prefix(self, tokens):
-        """(the saved tokens sharing the longest prefix with `tokens`, that prefix's length)."""
-        best, best_len = None, 0
-        for saved in self._entries:
-            n = common_prefix(saved, tokens)
-            if n > best_len:
-                best, best_len = saved, n
-        return best, best_len
+        return longest_prefix(self._entries, tokens)
 
     def take(self, tokens):
         self._entries.move_to_end(tokens)
@@ -117,14 +121,9 @@ class DiskStates:
         return self._folder is not None
 
     def longest_prefix(self, tokens):
-        best, best_len = None, 0
         with self._lock:
             saved_tokens = list(self._index)
-        for saved in saved_tokens:
-            n = common_prefix(saved, tokens)
-            if n > best_len:
-                best, best_len = saved, n
-        return best, best_len
+        return longest_prefix(saved_tokens, tokens)
 
     def load(self, tokens):
         """The state stored for `tokens`, or None (a bad file is removed)."""
@@ -194,9 +193,7 @@ class DiskStates:
     def _parse(self, raw, expect_tokens):
         """The state in a file's bytes, after checking everything about them; a ctypes view of
         `raw`, not a copy (a state is hundreds of MB)."""
-        if len(raw) < len(MAGIC) + HEADER.size or raw[:len(MAGIC)] != MAGIC:
-            raise ValueError("not a prompt-state file")
-        identity, count = HEADER.unpack_from(raw, len(MAGIC))
+        identity, count = _header(raw)
         if identity != self._identity:
             raise ValueError("a state of another model")
         start = len(MAGIC) + HEADER.size + 4 * count
@@ -221,10 +218,7 @@ class DiskStates:
                 continue
             try:
                 with open(path, "rb") as f:
-                    head = f.read(len(MAGIC) + HEADER.size)
-                    if len(head) < len(MAGIC) + HEADER.size or head[:len(MAGIC)] != MAGIC:
-                        raise ValueError("not a prompt-state file")
-                    identity, count = HEADER.unpack_from(head, len(MAGIC))
+                    identity, count = _header(f.read(len(MAGIC) + HEADER.size))
                     if identity != self._identity:
                         continue  # another model's state: left for that model
                     raw_tokens = f.read(4 * count)
@@ -261,6 +255,13 @@ class DiskStates:
         with self._lock:
             for tokens in [t for t, indexed in self._index.items() if indexed == path]:
                 del self._index[tokens]
+
+
+def _header(raw):
+    """(model identity, token count) from a file's first bytes; ValueError when it is not one of ours."""
+    if len(raw) < len(MAGIC) + HEADER.size or raw[:len(MAGIC)] != MAGIC:
+        raise ValueError("not a prompt-state file")
+    return HEADER.unpack_from(raw, len(MAGIC))
 
 
 def _remove_quietly(path):

@@ -301,7 +301,7 @@ def _is_empty(message):
     return all(isinstance(b, TextBlock) and not b.text for b in message.content)
 
 
-def _join_turns(messages):
+def join_turns(messages):
     """Consecutive turns of one role become one turn, as the real API does."""
     joined = []
     for message in messages:
@@ -339,7 +339,7 @@ def _parse_messages(raw):
         if _is_empty(message) and not final_assistant and message.role != "system":
             raise invalid(f"messages.{i}: all messages must have non-empty content except for the "
                           "optional final assistant message")
-    messages = _join_turns(parsed)
+    messages = join_turns(parsed)
     _check_tool_results(messages)
     last = messages[-1]
     if last.role == "assistant":
@@ -527,7 +527,6 @@ def sse_frame(data):
     return b"event: " + data["type"].encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
 
 
-PING_FRAME = sse_frame({"type": "ping"})
 EMPTY_BLOCKS = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": "", "signature": ""},
                 "tool_use": None}
 EMPTY_DELTAS = {"text": {"type": "text_delta", "text": ""}, "thinking": {"type": "thinking_delta", "thinking": ""},

@@ -330,6 +330,7 @@ class CallParser:
         # call is dropped, so a marker is found without its own leading whitespace
         self._heads = {start: tuple(steps + (ARGS_OPEN,) for steps in f.heads) for f in (fmt, *fmt.variants)
                        for start in (*(lead + f.open_marker for lead in f.lead_ins), f.open_marker.lstrip(SPACE))}
+        self._longest_start = max(len(s) for s in self._heads)
         self._after = tuple(steps + (ARGS_OPEN,) if NAME in steps else steps for steps in fmt.after)
         self._mode = "text"  # text | steps | args | rest | done: which _read_ method reads next
         self._pending, self._floor, self._after_call = "", 0, False  # text mode
@@ -391,8 +392,7 @@ class CallParser:
     def _held_back(self):
         """How much of the pending text's end might begin a call, with the whitespace before it."""
         tail = self._pending[self._floor:]
-        longest = max(len(s) for s in self._heads)
-        n = next((n for n in range(min(len(tail), longest - 1), 0, -1)
+        n = next((n for n in range(min(len(tail), self._longest_start - 1), 0, -1)
                   if any(s.startswith(tail[-n:]) for s in self._heads)), 0)
         return len(self._pending) - len(self._pending[:len(self._pending) - n].rstrip(SPACE))
 

@@ -24,8 +24,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,9 @@ from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+from bench import peak_rss_mb  # noqa: E402  (the tests folder is on the path from here on)
+from e2e_claude_code import start_server, stop_server  # noqa: E402
 
 CTX = 32768
 THREADS = os.cpu_count() or 1
@@ -125,93 +126,52 @@ def claude_code_request(user_words, billing, folder="/home/user/project"):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The server
+# Conversations with the server
 # ---------------------------------------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """compat_server.py as a user runs it for Claude Code: --ctx 32768, a cache folder of its own."""
-
-    def __init__(self, cache_dir, log_path):
-        self.port = free_port()
-        self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "compat_server.py"), "--port",
-                                      str(self.port), "--ctx", str(CTX), "--threads", str(THREADS),
-                                      "--cache-dir", cache_dir], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.proc.kill()
-        raise SystemExit(f"the server did not start (log: {log_path})")
-
-    def peak_rss_mb(self):
-        with open(f"/proc/{self.proc.pid}/status") as status:
-            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
-
-    def stop(self):
-        """SIGTERM, as a user stops it: in-flight work and the disk writes finish first."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise SystemExit("the server did not stop within 120 s of SIGTERM")
-        finally:
-            self.log.close()
-
-    def first_token(self, body):
-        """(seconds to the first non-empty content delta, final usage) of one streamed request."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=900)
-        started = time.perf_counter()
-        connection.request("POST", "/v1/messages?beta=true", json.dumps(body),
-                           {"content-type": "application/json", "anthropic-version": "2023-06-01"})
-        response = connection.getresponse()
-        assert response.status == 200, response.read()
-        first, usage = None, None
-        for line in response:
-            if not line.startswith(b"data: "):
-                continue
-            event = json.loads(line[6:])
-            delta = event.get("delta", {})
-            if first is None and event["type"] == "content_block_delta" and any(
-                    delta.get(k) for k in ("text", "thinking", "partial_json")):
-                first = time.perf_counter() - started
-            if event["type"] == "message_delta":
-                usage = event["usage"]
-        connection.close()
-        if first is None:
-            raise SystemExit(f"no content in the reply (usage {usage})")
-        return first, usage
+def first_token(port, body):
+    """(seconds to the first non-empty content delta, final usage) of one streamed request."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+    started = time.perf_counter()
+    connection.request("POST", "/v1/messages?beta=true", json.dumps(body),
+                       {"content-type": "application/json", "anthropic-version": "2023-06-01"})
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    first, usage = None, None
+    for line in response:
+        if not line.startswith(b"data: "):
+            continue
+        event = json.loads(line[6:])
+        delta = event.get("delta", {})
+        if first is None and event["type"] == "content_block_delta" and any(
+                delta.get(k) for k in ("text", "thinking", "partial_json")):
+            first = time.perf_counter() - started
+        if event["type"] == "message_delta":
+            usage = event["usage"]
+    connection.close()
+    if first is None:
+        raise SystemExit(f"no content in the reply (usage {usage})")
+    return first, usage
 
 
 def measure_conversations(workdir):
+    """Runs the server as a user runs it for Claude Code (--ctx 32768), with a cache folder in
+    `workdir`, and stops it with SIGTERM (in-flight work and disk writes finish first) to restart it."""
     cache_dir = os.path.join(workdir, "prompt-cache")
-    log_path = os.path.join(workdir, "server.log")
-    server = Server(cache_dir, log_path)
+    server, port = start_server(CTX, workdir, ["--threads", str(THREADS)])
     try:
-        cold, cold_usage = server.first_token(claude_code_request("Summarize what this project does.", "a1f"))
-        second, second_usage = server.first_token(
-            claude_code_request("List the tests that are slow and why.", "7c2"))
-        rss_mb = server.peak_rss_mb()
+        cold, cold_usage = first_token(port, claude_code_request("Summarize what this project does.", "a1f"))
+        second, second_usage = first_token(port, claude_code_request("List the tests that are slow and why.", "7c2"))
+        rss_mb = peak_rss_mb(server.pid)
     finally:
-        server.stop()
-    server = Server(cache_dir, log_path)
+        stop_server(server)
+    server, port = start_server(CTX, workdir, ["--threads", str(THREADS)])
     try:
-        restarted, restarted_usage = server.first_token(
-            claude_code_request("Which files handle the network?", "e05"))
-        elsewhere, elsewhere_usage = server.first_token(
-            claude_code_request("What does the parser do?", "b39", folder="/home/user/other-project"))
+        restarted, restarted_usage = first_token(port, claude_code_request("Which files handle the network?", "e05"))
+        elsewhere, elsewhere_usage = first_token(
+            port, claude_code_request("What does the parser do?", "b39", folder="/home/user/other-project"))
     finally:
-        server.stop()
+        stop_server(server)
     disk_mb = sum(os.path.getsize(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir)) / 2**20
     return [("cold (fresh server, empty cache)", cold, cold_usage, None),
             ("second conversation, same folder", second, second_usage, TARGET_SECONDS),
