@@ -13,6 +13,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROUNDS = 5
@@ -36,10 +37,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(port):
-    """The server as a user starts it; ready once its port accepts connections."""
+def start_server(port, cache_dir):
+    """The server as a user starts it, but with an empty cache folder of its own, so that `cold` is
+    cold in every run; ready once its port accepts connections."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "compat_server.py"), "--port", str(port),
-                             "--ctx", str(CTX), "--threads", str(THREADS)],
+                             "--ctx", str(CTX), "--threads", str(THREADS), "--cache-dir", cache_dir],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -66,7 +68,9 @@ def stream(port, messages, max_tokens):
     with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
         started = time.perf_counter()
         sock.sendall(request)
-        while not received.endswith(b"0\r\n\r\n"):
+        # the last chunk; the \r\n before it ends the chunk before, so headers never match it (a
+        # header value can end in "0" right before the blank line)
+        while not received.endswith(b"\r\n0\r\n\r\n"):
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -150,7 +154,8 @@ def decode_rate(arrivals):
 
 def main():
     port = free_port()
-    server = start_server(port)
+    cache_dir = tempfile.TemporaryDirectory(prefix="llama-compat-bench-")
+    server = start_server(port, cache_dir.name)
     baseline = Baseline()
     rows = {name: [] for name in ("decode_server", "decode_base", "ttft_server", "ttft_base", "cold", "warm",
                                   "aba_cold", "aba_third")}
@@ -176,6 +181,7 @@ def main():
         baseline.close()
         server.terminate()
         server.wait()
+        cache_dir.cleanup()
     report(rows, rss_server, rss_base, rss_cached)
 
 
