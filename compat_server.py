@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -25,8 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import protocol
-from engine import ClientGone, Engine, ModelLoadError, sampling_for
-from protocol import ApiError, MessageAssembler, new_id
+from engine import ClientGone, Engine, ModelLoadError, cpu_features, sampling_for
+from protocol import ApiError, Finish, MessageAssembler, new_id
 
 log = logging.getLogger("llama-compat")
 
@@ -40,8 +41,14 @@ REQUEST_READ_DEADLINE = 30
 PING_INTERVAL = 5.0
 # Open connections served at once; past it a connection is answered 529 and closed.
 MAX_CONNECTIONS = 64
-# Seconds that in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.
+# Seconds that in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled
+# (the default of --shutdown-grace).
 SHUTDOWN_GRACE = 10.0
+# After an answer sent before the request's body was read (a 413, a GET with a body), the connection
+# closes; first what the client still sends is read and dropped, for at most this long and this much,
+# so that it can finish sending and read the answer instead of meeting a reset (a lingering close).
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 2 * protocol.MAX_BODY_BYTES
 # Seconds without a content delta after which a stream gets an empty one: Claude Code aborts a stream
 # with no content delta for 300 s, pings or not (CLAUDE_CODE_TRAFFIC.md §5).
 CONTENT_KEEPALIVE = 20.0
@@ -68,6 +75,7 @@ class Config:
     yarn: bool
     cache_dir: str
     cache_disk: int
+    shutdown_grace: float = SHUTDOWN_GRACE
 
 
 def default_cache_dir(environ=os.environ):
@@ -109,12 +117,18 @@ def parse_config(argv=None, environ=os.environ):
     p.add_argument("--yarn", choices=("auto", "off"), default=env("YARN", "auto"),
                    help="auto: when --ctx exceeds the model's training context and the GGUF declares no "
                         "rope scaling of its own, apply YaRN scaling so the model stays coherent")
+    p.add_argument("--shutdown-grace", type=float, default=float(env("SHUTDOWN_GRACE", str(SHUTDOWN_GRACE))),
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are "
+                        "answered as failed (529 overloaded_error, or an error event in a stream)")
     a = p.parse_args(argv)
-    if a.ctx < 16 or min(a.max_queue, a.threads, a.cache_ram, a.cache_disk) < 0 or not 0 <= a.port <= 65535:
-        p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads and the cache sizes >= 0")
+    if a.ctx < 16 or min(a.max_queue, a.threads, a.cache_ram, a.cache_disk, a.shutdown_grace) < 0 or (
+            not 0 <= a.port <= 65535):
+        p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads, the cache sizes and "
+                "--shutdown-grace >= 0")
     return Config(model=a.model, host=a.host, port=a.port, ctx=a.ctx, threads=a.threads, api_key=a.api_key,
                   model_name=a.model_name, max_queue=a.max_queue, cors=a.cors, cache_ram=a.cache_ram,
-                  yarn=a.yarn == "auto", cache_dir=a.cache_dir, cache_disk=a.cache_disk)
+                  yarn=a.yarn == "auto", cache_dir=a.cache_dir, cache_disk=a.cache_disk,
+                  shutdown_grace=a.shutdown_grace)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,7 +221,7 @@ class SseStream:
         self._lock = threading.Lock()
         self._last_write = self._last_content = time.monotonic()
         self._done = threading.Event()
-        self.broken = False
+        self.broken = self.closed = False
         with self._lock:
             self._send(assembler.start())
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
@@ -220,10 +234,10 @@ class SseStream:
                 self._last_content = time.monotonic()
             self._send(frames)
 
-    def fail(self):
+    def fail(self, error_type="api_error", message="Internal server error"):
         """A failure after the headers: the SDKs raise on an in-band error event."""
         with self._lock:
-            self._send([{"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}])
+            self._send([{"type": "error", "error": {"type": error_type, "message": message}}])
 
     def _send(self, events):
         if self.broken or not events:
@@ -246,22 +260,54 @@ class SseStream:
                     self._send([{"type": "ping"}])
 
     def close(self):
-        """Stop the heartbeat and end the chunked body."""
+        """Stop the heartbeat and end the chunked body (once; later calls do nothing)."""
         self._done.set()
         self._thread.join()
         with self._lock:
-            if not self.broken:
+            if not self.broken and not self.closed:
                 try:
                     self._wfile.write(b"0\r\n\r\n")
                 except OSError:
                     self.broken = True
+            self.closed = True
 
 
 # ---------------------------------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------------------------------
 
+# Every route, by method and path; `{model_id}` matches one path segment. A known path asked with
+# another method is a 405 listing these; an unknown path is a 404.
+ROUTES = {
+    ("GET", "/"): "_health",
+    ("HEAD", "/"): "_health",
+    ("GET", "/v1/models"): "_list_models",
+    ("GET", "/v1/models/{model_id}"): "_get_model",
+    ("POST", "/v1/messages"): "_create_message",
+    ("POST", "/v1/messages/count_tokens"): "_count_tokens",
+}
+MODEL_PREFIX = "/v1/models/"
+
+
+def match_route(path):
+    """(route path, model id or None) for a request path; trailing slashes do not count.
+
+    >>> match_route("/v1/models/local/"), match_route("/v1/messages")
+    (('/v1/models/{model_id}', 'local'), ('/v1/messages', None))
+    """
+    path = path.rstrip("/") or "/"
+    if path.startswith(MODEL_PREFIX) and "/" not in path[len(MODEL_PREFIX):]:
+        return MODEL_PREFIX + "{model_id}", path[len(MODEL_PREFIX):]
+    return path, None
+
+
 class Handler(BaseHTTPRequestHandler):
+    """One connection. Each request on it ends one of these ways, all decided in `_dispatch`:
+    an answer (JSON, or a stream that ends with `message_stop`); an Anthropic-shaped error before any
+    byte; an in-band `error` event in a stream that already started; or no answer because the client
+    left. A failure because the server is stopping is answered as such (529 or an `overloaded_error`
+    event), never as a client leaving. The end-of-request rule is in `_end_request`."""
+
     protocol_version = "HTTP/1.1"
     server_version = "llama-compat"
     # every SSE frame is a small write that must leave at once, not wait for the previous one's ACK
@@ -276,10 +322,12 @@ class Handler(BaseHTTPRequestHandler):
         self.status = None
         self._sse = None  # the stream of this request, once it has one
         self._body_read = False
+        self._answered_early = False  # an error answered before the request was read whole
         try:
             super().handle_one_request()
         finally:
             self.server.unwatch(self.connection)
+            self._end_request()
 
     def parse_request(self):
         # the request line has arrived: headers and body must follow within the deadline
@@ -289,16 +337,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._dispatch()
 
-    def do_HEAD(self):
-        self._dispatch()
-
-    def do_POST(self):
-        self._dispatch()
-
-    def do_OPTIONS(self):
-        self._dispatch()
-
-    do_PUT = do_DELETE = do_PATCH = do_GET
+    do_HEAD = do_POST = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_GET
 
     def _dispatch(self):
         self.server.count_request(+1)
@@ -308,7 +347,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send_api_error(exc)
         except (ClientGone, ConnectionError):
             self.close_connection = True
-            log.info("%s: client disconnected", self.request_id)
+            if self.server.cancel_all.is_set():
+                self._answer_shutdown()
+            else:
+                log.info("%s: client disconnected", self.request_id)
         except Exception:
             log.exception("%s: unexpected error", self.request_id)
             self._send_api_error(ApiError(500, "api_error", "Internal server error",
@@ -317,52 +359,89 @@ class Handler(BaseHTTPRequestHandler):
             self.server.count_request(-1)
             self._log_access()
 
+    def _end_request(self):
+        """The end-of-request rule: a body left unread, or a request cut short by an early error,
+        closes the connection (its bytes must never be read as the next request), lingering first so
+        the answer reaches a client still sending."""
+        if self.status is not None and (self._answered_early or self._body_unread()):
+            self.close_connection = True
+            self._linger()
+
+    def _linger(self):
+        sock = self.connection
+        try:
+            self.wfile.flush()
+            sock.shutdown(socket.SHUT_WR)  # the answer is complete: the client reads it, then EOF
+            deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+            while dropped < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass
+
+    def _answer_shutdown(self):
+        log.info("%s: cancelled: the server is shutting down", self.request_id)
+        if self.status is None:
+            self._send_api_error(ApiError(529, "overloaded_error", "The server is shutting down; retry shortly",
+                                          headers=[("retry-after", "5")]))
+
     def _route(self):
         url = urlsplit(self.path)
-        path = url.path.rstrip("/") or "/"
-        routes = {"/": ("GET", "HEAD"), "/v1/models": ("GET",), "/v1/messages": ("POST",),
-                  "/v1/messages/count_tokens": ("POST",)}
-        allowed = routes.get(path, ("GET",) if path.startswith("/v1/models/") else None)
-        if allowed is None:
-            raise ApiError(404, "not_found_error", f"Not found: {self.command} {path}")
+        route, model_id = match_route(url.path)
+        allowed = [method for method, path in ROUTES if path == route]
+        if not allowed:
+            raise ApiError(404, "not_found_error", f"Not found: {self.command} {url.path}")
         if self.command == "OPTIONS" and self.server.config.cors:
             return self._send_json(204, None)
         if self.command not in allowed:
-            raise ApiError(405, "invalid_request_error", f"Method {self.command} not allowed for {path}",
+            raise ApiError(405, "invalid_request_error", f"Method {self.command} not allowed for {route}",
                            headers=[("allow", ", ".join(allowed))])
-        if path == "/":
-            return self._send_json(200, {"status": "ok"})
-        check_auth(self.headers, self.server.config.api_key)
-        engine = self.server.engine
-        if path == "/v1/models":
-            return self._send_json(200, list_models(engine, url.query))
-        if path.startswith("/v1/models/"):
-            if path[len("/v1/models/"):] != engine.model_name:
-                raise ApiError(404, "not_found_error", f"model: {path[len('/v1/models/'):]}")
-            return self._send_json(200, model_info(engine))
+        if route != "/":
+            check_auth(self.headers, self.server.config.api_key)
+        getattr(self, ROUTES[(self.command, route)])(url.query, model_id)
+
+    def _health(self, query, model_id):
+        self._send_json(200, {"status": "ok"})
+
+    def _list_models(self, query, model_id):
+        self._send_json(200, list_models(self.server.engine, query))
+
+    def _get_model(self, query, model_id):
+        if model_id != self.server.engine.model_name:
+            raise ApiError(404, "not_found_error", f"model: {model_id}")
+        self._send_json(200, model_info(self.server.engine))
+
+    def _count_tokens(self, query, model_id):
+        request = protocol.parse_messages_request(self._read_json(), count_only=True)
+        self._send_json(200, {"input_tokens": self.server.engine.count_tokens(request)})
+
+    def _read_json(self):
         raw = self._read_body()
         self.server.unwatch(self.connection)
-        body = protocol.decode_json_body(raw)
-        if path == "/v1/messages/count_tokens":
-            request = protocol.parse_messages_request(body, count_only=True)
-            return self._send_json(200, {"input_tokens": engine.count_tokens(request)})
-        return self._messages(protocol.parse_messages_request(body))
+        return protocol.decode_json_body(raw)
 
     # --- /v1/messages -----------------------------------------------------------------------------
 
-    def _messages(self, request):
+    def _create_message(self, query, model_id):
+        request = protocol.parse_messages_request(self._read_json())
         engine = self.server.engine
         prompt = engine.prepare(request)  # a 400 for a prompt that does not fit comes before any byte
         sampling = sampling_for(request)
         with engine.reserve() as ticket:  # 529 when the queue is full, also before any byte
             assembler = MessageAssembler(new_id("msg_"), request.model, len(prompt.tokens))
-            if not request.stream:
-                with contextlib.closing(engine.generate(ticket, prompt, sampling, self._client_gone)) as events:
-                    for event in events:
-                        assembler.feed(event)
-                return self._send_json(200, assembler.message)
-            self._stream(assembler, engine.generate(ticket, prompt, sampling, self._client_gone),
-                         "thinking" if request.thinking else "text")
+            events = engine.generate(ticket, prompt, sampling, self._client_gone)
+            if request.stream:
+                return self._stream(assembler, events, "thinking" if request.thinking else "text")
+            with contextlib.closing(events):
+                for event in events:
+                    assembler.feed(event)
+                    if isinstance(event, Finish):
+                        # answered now: what the engine does after the answer (keeping the prompt
+                        # state) must not delay it
+                        self._send_json(200, assembler.message)
 
     def _client_gone(self):
         return self.server.cancel_all.is_set() or (self._sse is not None and self._sse.broken) or peer_closed(
@@ -379,9 +458,14 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for event in events:
                 sse.feed(event)
+                if isinstance(event, Finish):
+                    sse.close()  # the stream ends here; keeping the prompt state comes after
         except Exception as exc:
             self.close_connection = True
-            if not isinstance(exc, ClientGone):
+            if isinstance(exc, ClientGone) and self.server.cancel_all.is_set():
+                log.info("%s: stream cancelled: the server is shutting down", self.request_id)
+                sse.fail("overloaded_error", "The server is shutting down; retry shortly")
+            elif not isinstance(exc, ClientGone):
                 log.exception("%s: failed mid-stream", self.request_id)
                 sse.fail()
         finally:
@@ -394,28 +478,27 @@ class Handler(BaseHTTPRequestHandler):
     # --- bodies and responses ---------------------------------------------------------------------
 
     def _body_unread(self):
+        """Whether the request has a body (or may have one) that was not read whole."""
         headers = getattr(self, "headers", None)
-        if headers is None or getattr(self, "_body_read", False):
+        if headers is None or self._body_read:
             return False
         return headers.get("transfer-encoding") is not None or headers.get("content-length", "0") != "0"
 
     def _read_body(self):
-        self._body_read = True
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            return read_chunked(self.rfile, protocol.MAX_BODY_BYTES)
-        length = self.headers.get("content-length")
-        if length is None:
-            raise ApiError(411, "invalid_request_error", "Content-Length or chunked Transfer-Encoding required")
-        if not length.isdigit():
-            raise protocol.invalid("Content-Length is not a number")
-        if int(length) > protocol.MAX_BODY_BYTES:
-            # refused without reading; the unread body makes this connection unusable
-            self.close_connection = True
-            raise ApiError(413, "request_too_large", "Request exceeds the maximum allowed number of bytes")
-        body = self.rfile.read(int(length))
-        if len(body) != int(length):
-            self.close_connection = True
-            raise protocol.invalid("request body ended before Content-Length bytes")
+            body = read_chunked(self.rfile, protocol.MAX_BODY_BYTES)
+        else:
+            length = self.headers.get("content-length")
+            if length is None:
+                raise ApiError(411, "invalid_request_error", "Content-Length or chunked Transfer-Encoding required")
+            if not length.isdigit():
+                raise protocol.invalid("Content-Length is not a number")
+            if int(length) > protocol.MAX_BODY_BYTES:
+                raise ApiError(413, "request_too_large", "Request exceeds the maximum allowed number of bytes")
+            body = self.rfile.read(int(length))
+            if len(body) != int(length):
+                raise protocol.invalid("request body ended before Content-Length bytes")
+        self._body_read = True
         return body
 
     def _common_headers(self):
@@ -425,6 +508,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("access-control-allow-origin", cors)
             self.send_header("access-control-allow-headers", "*")
             self.send_header("access-control-allow-methods", "GET, POST, OPTIONS")
+        if self._body_unread() or self.server.stopping.is_set():
+            self.close_connection = True  # the end-of-request rule; a stopping server takes no more
         if self.close_connection:
             self.send_header("connection", "close")
 
@@ -444,8 +529,6 @@ class Handler(BaseHTTPRequestHandler):
     def _send_api_error(self, exc):
         if self.status is not None:
             return  # headers already went out; a stream reports its failure in-band
-        if self._body_unread():
-            self.close_connection = True  # its bytes would be read as the next request
         self._send_json(exc.status, protocol.error_body(exc.error_type, exc.message, self.request_id),
                         exc.headers)
 
@@ -456,7 +539,7 @@ class Handler(BaseHTTPRequestHandler):
         if code == 501:  # an unknown method: the API's answer is "not allowed", not a server fault
             code, message = 405, f"Method {self.command} not allowed"
         kinds = {404: "not_found_error", 413: "request_too_large", 500: "api_error"}
-        self.close_connection = True
+        self.close_connection = self._answered_early = True
         # an unparseable request line leaves the stdlib assuming HTTP/0.9, which has no status line
         self.request_version = "HTTP/1.1"
         self._send_api_error(ApiError(code, kinds.get(code, "invalid_request_error"),
@@ -492,7 +575,8 @@ class Server(ThreadingHTTPServer):
         super().__init__((config.host, config.port), Handler)
         self.config = config
         self.engine = engine
-        self.cancel_all = threading.Event()
+        self.stopping = threading.Event()  # a signal came: finish what is in flight, take nothing new
+        self.cancel_all = threading.Event()  # the grace period is over: cancel what is in flight
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._in_flight = 0
         self._count_lock = threading.Lock()  # guards _in_flight and _deadlines
@@ -573,18 +657,22 @@ def _is_loopback(host):
 
 
 def _stop_on_signal(server):
-    """SIGTERM/SIGINT: stop accepting, give in-flight requests SHUTDOWN_GRACE seconds, then cancel."""
+    """SIGTERM/SIGINT: stop accepting, give in-flight requests the grace period, then cancel."""
     def stop(signum, frame):
-        log.info("signal %d: no longer accepting; finishing in-flight requests", signum)
+        log.info("signal %d: no longer accepting; finishing in-flight requests (up to %g s)", signum,
+                 server.config.shutdown_grace)
+        server.stopping.set()
         threading.Thread(target=server.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
 
 def _drain(server):
-    deadline = time.monotonic() + SHUTDOWN_GRACE
+    deadline = time.monotonic() + server.config.shutdown_grace
     while server.busy() and time.monotonic() < deadline:
         time.sleep(0.05)
+    if server.busy():
+        log.info("grace period over: cancelling the requests still in flight")
     server.cancel_all.set()
     while server.busy() and time.monotonic() < deadline + 2:
         time.sleep(0.05)
@@ -604,6 +692,11 @@ def main(argv=None):
     except ModelLoadError as exc:
         print(f"llama-compat: {exc}", file=sys.stderr)
         return 1
+    features = cpu_features()
+    log.info("llama.cpp build: %s", features)
+    if re.search(r"AMX\w* = 1", features):
+        log.warning("this llama.cpp build has AMX kernels, which crash on some CPUs (llama.cpp issue 20824); "
+                    "`make run` builds one without them")
     try:
         server = Server(config, engine)
     except OSError as exc:

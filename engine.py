@@ -71,6 +71,12 @@ def default_model_path():
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
+def cpu_features():
+    """llama.cpp's own line of what its build uses on this CPU (`CPU : SSE3 = 1 | … | AVX2 = 1 | …`).
+    The Makefile builds without AMX, whose kernels crash on some CPUs (llama.cpp issue 20824)."""
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
 def _check_gguf_file(path):
     if not os.path.isfile(path):
         raise ModelLoadError(f"model file not found: {path}")
@@ -148,6 +154,7 @@ class ReplyPlan:
     tool_format: ToolFormat = None  # the reply is read for calls in this format
     tool_names: tuple = ()
     parallel: bool = True
+    fallback: str = None  # a looser GBNF, for when llama.cpp refuses `grammar`
 
 
 @dataclass(frozen=True)
@@ -171,7 +178,9 @@ def plan_reply(request, tool_format):
         names = tuple(t.name for t in request.tools)
         parallel = not choice.disable_parallel_tool_use
         if choice.type in ("any", "tool"):
-            return ReplyPlan(call_grammar(tool_format, request.tools, choice.name), None, tool_format, names, parallel)
+            return ReplyPlan(call_grammar(tool_format, request.tools, choice.name),
+                             fallback=call_grammar(tool_format, request.tools, choice.name, any_arguments=True),
+                             tool_format=tool_format, tool_names=names, parallel=parallel)
         # any of the format's open markers; the lazy prefix makes the earliest one the group, so harmony's
         # ` to=functions.` inside `<|channel|>commentary to=functions.` is not taken for a call of its own
         markers = "|".join(_regex_literal(fmt.open_marker) for fmt in (tool_format, *tool_format.variants))
@@ -402,19 +411,22 @@ class Engine:
         return len(tokens)
 
     def _grammar_sampler(self, reply):
-        if reply.grammar is None:
-            return None
-        grammar = reply.grammar.encode()
-        if reply.trigger is None:
-            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar, b"root")
-        else:
-            patterns = (ctypes.c_char_p * 1)(reply.trigger.encode())
-            sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-                self._vocab, grammar, b"root", patterns, 1, (llama_cpp.llama_token * 0)(), 0)
-        if not sampler:
-            log.warning("llama.cpp refused a generated grammar; this reply is not constrained")
-            return None
-        return sampler
+        """The reply's grammar as a sampler; where llama.cpp refuses it, the fallback (a forced call
+        with any JSON object as its input), and only then none, each step logged."""
+        for grammar in (reply.grammar, reply.fallback):
+            if grammar is None:
+                continue
+            if reply.trigger is None:
+                sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            else:
+                patterns = (ctypes.c_char_p * 1)(reply.trigger.encode())
+                sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                    self._vocab, grammar.encode(), b"root", patterns, 1, (llama_cpp.llama_token * 0)(), 0)
+            if sampler:
+                return sampler
+            log.warning("llama.cpp refused a generated grammar%s", "; trying a looser one" if (
+                grammar is reply.grammar and reply.fallback) else "; this reply is not constrained")
+        return None
 
     # -----------------------------------------------------------------------------------------------
     # Cache: the live KV state, and saved states of earlier prompts
@@ -687,13 +699,16 @@ class Turns:
             return ticket
 
     def acquire(self, ticket, cancelled):
-        with self._cond:
-            while not (self._holder is None and self._queue and self._queue[0] is ticket):
-                if cancelled():
-                    raise ClientGone()
+        """Wait for the model; `cancelled()` (which may block on a socket) is asked outside the lock."""
+        while True:
+            with self._cond:
+                if self._holder is None and self._queue and self._queue[0] is ticket:
+                    self._queue.popleft()
+                    self._holder = ticket
+                    return
                 self._cond.wait(0.1)
-            self._queue.popleft()
-            self._holder = ticket
+            if cancelled():
+                raise ClientGone()
 
     def _leave(self, ticket):
         with self._cond:

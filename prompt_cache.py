@@ -160,12 +160,18 @@ class DiskStates:
         self._writes.join()
 
     def _write_loop(self):
+        """Never ends while the process runs: a failed write turns the disk tier off, and later saves
+        are dropped by `save`, so `flush` always has a reader to wait on."""
         while True:
             tokens, data = self._writes.get()
             try:
-                self._write(tokens, data)
+                if self.enabled:
+                    self._write(tokens, data)
             except OSError as exc:
                 log.warning("could not write a prompt state (%s): running without the disk cache", exc.strerror)
+                self._folder = None
+            except Exception:
+                log.exception("the prompt state writer failed: running without the disk cache")
                 self._folder = None
             finally:
                 self._writes.task_done()

@@ -111,7 +111,44 @@ def decode_json_body(raw: bytes):
         raise invalid("Invalid JSON: a number is too large") from None
     if not isinstance(value, dict):
         raise invalid("Invalid JSON: the body must be a JSON object")
+    lone = _lone_surrogate(text)
+    if lone is not None:
+        # json.loads accepts these, but no UTF-8 text (a prompt, a tokenizer's input) can hold one;
+        # the real API refuses them in these words
+        at, what = lone
+        raise invalid(f"The request body is not valid JSON: {what} in string: line {text.count(chr(10), 0, at) + 1} "
+                      f"column {at - text.rfind(chr(10), 0, at)} (char {at})")
     return value
+
+
+# In a body json.loads accepted, every backslash is inside a string and starts one escape.
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.S)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(text):
+    r"""(offset, what is wrong) of the first \uD800-\uDFFF escape in JSON text that is not half of a pair.
+
+    >>> _lone_surrogate(r'{"a": "\\ud800 \ud83d\ude00"}') is None  # an escaped backslash, then a pair
+    True
+    >>> _lone_surrogate(r'{"a": "x\ud800"}'), _lone_surrogate(r'{"a": "\udc00"}')
+    ((8, 'no low surrogate'), (7, 'no high surrogate'))
+    """
+    if not _SURROGATE_ESCAPE.search(text):
+        return None
+    high = None  # the match of a high surrogate waiting for its low half
+    for match in _ESCAPE.finditer(text):
+        code = int(match[1], 16) if match[1] else None
+        is_low = code is not None and 0xDC00 <= code <= 0xDFFF
+        if high is not None:
+            if not (is_low and match.start() == high.end()):
+                return high.start(), "no low surrogate"
+            high = None
+        elif code is not None and 0xD800 <= code <= 0xDBFF:
+            high = match
+        elif is_low:
+            return match.start(), "no high surrogate"
+    return None if high is None else (high.start(), "no low surrogate")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -506,10 +506,11 @@ _GBNF_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"
 _GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|\{[^}]*\}|([a-zA-Z0-9-]+)')
 
 
-def call_grammar(fmt, tools, forced_name=None):
+def call_grammar(fmt, tools, forced_name=None, any_arguments=False):
     """GBNF whose `root` is one complete call in `fmt`, open marker included, to one of `tools`
-    (protocol.Tool) or only to `forced_name`: for tool_choice "any" and "tool"."""
-    return _calls_grammar((fmt,), tools, forced_name, with_open_marker=True)
+    (protocol.Tool) or only to `forced_name`: for tool_choice "any" and "tool". `any_arguments`:
+    the input is any JSON object, not the tool's schema (for when llama.cpp refuses the stricter one)."""
+    return _calls_grammar((fmt,), tools, forced_name, with_open_marker=True, any_arguments=any_arguments)
 
 
 def lazy_call_grammar(fmt, tools):
@@ -529,12 +530,13 @@ def json_grammar(schema):
     return _convert_or(schema, ANY_JSON) + "\n"
 
 
-def _calls_grammar(fmts, tools, forced_name, with_open_marker):
+def _calls_grammar(fmts, tools, forced_name, with_open_marker, any_arguments=False):
     chosen = [tool for tool in tools if forced_name in (None, tool.name)]
     if not chosen:
         raise ValueError(f"no tool named {forced_name!r} to build a grammar for")
     # each tool's schema rules apart, so equal $defs names never collide
-    rules = [_prefix_rules(_arguments_grammar(tool.input_schema), f"tool{i}-") for i, tool in enumerate(chosen)]
+    rules = [_prefix_rules(_arguments_grammar(ANY_OBJECT if any_arguments else tool.input_schema), f"tool{i}-")
+             for i, tool in enumerate(chosen)]
     roots, calls = [], []
     for k, fmt in enumerate(fmts):
         call = "call" + (str(k) if k else "")  # one rule per format: its calls to each tool

@@ -54,16 +54,22 @@ class ScriptedEngine:
 
     model_name, display_name, n_ctx = "scripted", "Scripted", 4096
 
-    def __init__(self, events, delay=0.0, max_queue=16):
+    def __init__(self, events, delay=0.0, max_queue=16, after=None):
         from engine import Turns
-        self.events, self.delay = events, delay
+        self.events, self.delay, self.after = events, delay, after  # after(): work after the last event
         self._turns = Turns(max_queue)
 
     def prepare(self, request):
         from engine import Prompt
+        self.count_tokens(request)
         return Prompt((1, 2, 3), request.stop_sequences, ())
 
     def count_tokens(self, request):
+        # rendered and encoded as the real engine does before its tokenizer, so that text no UTF-8
+        # can hold fails here as it would there
+        from engine import ChatTemplate
+        ChatTemplate(None, "", "").render(request).encode("utf-8")
+        "".join(request.stop_sequences).encode("utf-8")
         return 3
 
     def reserve(self):
@@ -81,6 +87,8 @@ class ScriptedEngine:
                 if isinstance(event, Exception):
                     raise event
                 yield event
+            if self.after:
+                self.after()
         finally:
             ticket.close()
 
