@@ -252,8 +252,9 @@ def _number(body, key, low, high):
     return float(value)
 
 
-def _texts_of_blocks(value, path):
-    """A system prompt or tool_result content: a string or a list of text blocks, as strings."""
+def _texts_of_blocks(value, path, media=False):
+    """A system prompt or tool_result content: a string or a list of text blocks, as strings.
+    `media`: images, documents and search results are allowed too (tool results), as their text."""
     if isinstance(value, str):
         return [value]
     _expect(value, list, path, "a valid string or list of blocks")
@@ -262,11 +263,13 @@ def _texts_of_blocks(value, path):
         where = f"{path}.{i}"
         _expect(block, dict, where, "a valid dictionary")
         kind = block.get("type")
-        if kind in ("image", "document"):
-            raise invalid(f"{where}: this model does not support {kind} input (the loaded model is text-only)")
-        if kind != "text":
-            raise invalid(f"{where}.type: Input should be 'text'")
-        texts.append(_expect(block.get("text"), str, f"{where}.text", "a valid string"))
+        if media and isinstance(kind, str) and kind in MEDIA_BLOCKS:
+            texts.append(MEDIA_BLOCKS[kind](block, where))
+        elif kind != "text":
+            raise invalid(f"{where}.type: Input should be 'text'" + (
+                ", 'image', 'document' or 'search_result'" if media else ""))
+        else:
+            texts.append(_expect(block.get("text"), str, f"{where}.text", "a valid string"))
     return texts
 
 
@@ -288,8 +291,11 @@ def _parse_block(block, path, role):
     kind = block.get("type")
     if kind == "text":
         return TextBlock(_expect(block.get("text"), str, f"{path}.text", "a valid string"))
-    if kind in ("image", "document"):
-        raise invalid(f"{path}: this model does not support {kind} input (the loaded model is text-only)")
+    if isinstance(kind, str) and kind in MEDIA_BLOCKS:
+        return TextBlock(MEDIA_BLOCKS[kind](block, path))
+    if isinstance(kind, str) and kind in SERVER_BLOCKS:
+        text = SERVER_BLOCKS[kind](block, path)
+        return TextBlock(text) if text else None
     if kind == "tool_use":
         if role != "assistant":
             raise invalid(f"{path}: tool_use blocks may only appear in assistant messages")
@@ -302,7 +308,7 @@ def _parse_block(block, path, role):
         if role != "user":
             raise invalid(f"{path}: tool_result blocks may only appear in user messages")
         use_id = _expect(block.get("tool_use_id"), str, f"{path}.tool_use_id", "a valid string")
-        content = _text_of_blocks(block.get("content", ""), f"{path}.content")
+        content = "\n\n".join(_texts_of_blocks(block.get("content", ""), f"{path}.content", media=True))
         is_error = _expect(block.get("is_error", False), bool, f"{path}.is_error", "a valid boolean")
         return ToolResultBlock(use_id, content, is_error)
     if kind == "thinking":
@@ -311,8 +317,126 @@ def _parse_block(block, path, role):
         return ThinkingBlock(_expect(block.get("thinking"), str, f"{path}.thinking", "a valid string"))
     if kind == "redacted_thinking":
         return None  # opaque to a local model; signatures are never checked
-    raise invalid(f"{path}.type: Input tag {kind!r} found using 'type' does not match any of the expected "
-                  "tags: 'text', 'image', 'document', 'tool_use', 'tool_result', 'thinking', 'redacted_thinking'")
+    tags = ", ".join(repr(t) for t in ("text", *MEDIA_BLOCKS, "tool_use", "tool_result", "thinking",
+                                        "redacted_thinking", *SERVER_BLOCKS))
+    raise invalid(f"{path}.type: Input tag {kind!r} found using 'type' does not match any of the expected tags: {tags}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blocks a text-only model reads as text
+# ---------------------------------------------------------------------------------------------------
+
+# A client keeps an image or PDF in its history (Claude Code's Read tool returns them inside tool
+# results): refusing it would refuse every later request of the conversation. In its place the model
+# reads a placeholder that says what was there, the same text every time so prefix reuse holds.
+NOT_SHOWN = "not shown: the model serving this conversation reads text only"
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+# How each image type's bytes begin; the real API refuses data that does not match its media type.
+IMAGE_MAGIC = {"image/jpeg": (b"\xff\xd8\xff",), "image/png": (b"\x89PNG\r\n\x1a\n",),
+               "image/gif": (b"GIF87a", b"GIF89a"), "image/webp": (b"RIFF",)}
+
+
+def _source(block, path, kind, types):
+    source = _expect(block.get("source"), dict, f"{path}.source", "a valid dictionary")
+    tag = source.get("type")
+    if tag not in types:
+        expected = ", ".join(repr(t) for t in types)
+        raise invalid(f"{path}.{kind}.source: Input tag {tag!r} found using 'type' does not match any of the "
+                      f"expected tags: {expected}")
+    return source, tag, f"{path}.{kind}.source.{tag}"
+
+
+def _base64(source, where):
+    data = _expect(source.get("data"), str, f"{where}.data", "a valid string")
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        raise invalid(f"{where}.data: invalid base64 data") from None
+
+
+def _size(data):
+    """
+    >>> _size(b"x" * 1500), _size(b"x" * 3_500_000)
+    ('1.5 KB', '3.5 MB')
+    """
+    return f"{len(data) / 1e6:.1f} MB" if len(data) >= 1e6 else f"{len(data) / 1e3:.1f} KB"
+
+
+def _image_text(block, path):
+    source, tag, where = _source(block, path, "image", ("base64", "url", "file"))
+    if tag == "url":
+        return f"[image at {_expect(source.get('url'), str, f'{where}.url', 'a valid string')}: {NOT_SHOWN}]"
+    if tag == "file":
+        return f"[image file {_expect(source.get('file_id'), str, f'{where}.file_id', 'a valid string')}: {NOT_SHOWN}]"
+    media_type = source.get("media_type")
+    if media_type not in IMAGE_TYPES:
+        raise invalid(f"{where}.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'")
+    data = _base64(source, where)
+    if not data.startswith(IMAGE_MAGIC[media_type]) or (media_type == "image/webp" and data[8:12] != b"WEBP"):
+        raise invalid(f"{where}.data: Image does not match the provided media type {media_type}")
+    return f"[{media_type} image, {_size(data)}: {NOT_SHOWN}]"
+
+
+def _document_text(block, path):
+    """A plain-text document is its text (after its title); a PDF is a placeholder."""
+    source, tag, where = _source(block, path, "document", ("base64", "text", "content", "url", "file"))
+    title = _expect(block.get("title"), (str, type(None)), f"{path}.title", "a valid string")
+    if tag == "text":
+        if source.get("media_type") != "text/plain":
+            raise invalid(f"{where}.media_type: Input should be 'text/plain'")
+        text = _expect(source.get("data"), str, f"{where}.data", "a valid string")
+    elif tag == "content":
+        text = "\n\n".join(_texts_of_blocks(source.get("content"), f"{where}.content", media=True))
+    else:
+        named = f' "{title}"' if title else ""
+        if tag == "base64":
+            if source.get("media_type") != "application/pdf":
+                raise invalid(f"{where}.media_type: Input should be 'application/pdf'")
+            return f"[PDF document{named}, {_size(_base64(source, where))}: {NOT_SHOWN}]"
+        field = "url" if tag == "url" else "file_id"
+        return f"[PDF document{named} at {_expect(source.get(field), str, f'{where}.{field}', 'a valid string')}: {NOT_SHOWN}]"
+    return f"{title}\n\n{text}" if title else text
+
+
+def _search_result_text(block, path):
+    title = _expect(block.get("title"), str, f"{path}.title", "a valid string")
+    source = _expect(block.get("source"), str, f"{path}.source", "a valid string")
+    return f"{title} ({source})\n\n" + "\n\n".join(_texts_of_blocks(block.get("content"), f"{path}.content"))
+
+
+MEDIA_BLOCKS = {"image": _image_text, "document": _document_text, "search_result": _search_result_text}
+
+
+def _json_text(value):
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _server_tool_use_text(block, path):
+    """A call a server (Anthropic's web search, an MCP server) ran: what was asked, as text."""
+    name = _expect(block.get("name"), str, f"{path}.name", "a valid string")
+    server = block.get("server_name")
+    return f"[called {server + '/' if isinstance(server, str) else ''}{name}: {_json_text(block.get('input', {}))}]"
+
+
+def _web_search_result_text(block, path):
+    content = block.get("content")
+    if not isinstance(content, list):  # a web_search_tool_result_error
+        return f"[web search failed: {_json_text(content)}]"
+    lines = [f"- {r.get('title', '')} <{r.get('url', '')}>" for r in content if isinstance(r, dict)]
+    return "[web search results:\n" + "\n".join(lines) + "]"
+
+
+def _mcp_tool_result_text(block, path):
+    error = " (error)" if block.get("is_error") is True else ""
+    texts = _texts_of_blocks(block.get("content", ""), f"{path}.content")
+    return f"[tool result{error}: " + "\n\n".join(texts) + "]"
+
+
+# Blocks of server-run tools a client may echo back in its history; a container upload (a file handed
+# to Anthropic's code execution) carries nothing a local model can read and is dropped.
+SERVER_BLOCKS = {"server_tool_use": _server_tool_use_text, "web_search_tool_result": _web_search_result_text,
+                 "mcp_tool_use": _server_tool_use_text, "mcp_tool_result": _mcp_tool_result_text,
+                 "container_upload": lambda block, path: None}
 
 
 def _parse_message(raw, path):
