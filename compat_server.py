@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import protocol
-from engine import ClientGone, Engine, ModelLoadError, cpu_features, sampling_for
+from engine import ClientGone, Engine, ModelLoadError, cpu_features, sampling_for, thread_settings
 from protocol import ApiError, Finish, MessageAssembler, new_id
 
 log = logging.getLogger("llama-compat")
@@ -76,6 +76,7 @@ class Config:
     cache_dir: str
     cache_disk: int
     shutdown_grace: float = SHUTDOWN_GRACE
+    threads_batch: int = 0
 
 
 def default_cache_dir(environ=os.environ):
@@ -98,7 +99,9 @@ def parse_config(argv=None, environ=os.environ):
     p.add_argument("--port", type=int, default=int(env("PORT", "1234")), help="port to bind (0: any free)")
     p.add_argument("--ctx", type=int, default=int(env("CTX", "8192")), help="context size in tokens")
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")),
-                   help="CPU threads for llama.cpp (0: all cores)")
+                   help="CPU threads for llama.cpp while it generates (0: all cores)")
+    p.add_argument("--threads-batch", type=int, default=int(env("THREADS_BATCH", "0")),
+                   help="CPU threads for llama.cpp while it evaluates a prompt (0: all cores)")
     p.add_argument("--api-key", default=env("API_KEY", ""),
                    help="require this key as x-api-key or Authorization: Bearer (empty: no auth)")
     p.add_argument("--model-name", default=env("MODEL_NAME", ""),
@@ -121,14 +124,14 @@ def parse_config(argv=None, environ=os.environ):
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are "
                         "answered as failed (529 overloaded_error, or an error event in a stream)")
     a = p.parse_args(argv)
-    if a.ctx < 16 or min(a.max_queue, a.threads, a.cache_ram, a.cache_disk, a.shutdown_grace) < 0 or (
+    if a.ctx < 16 or min(a.max_queue, a.threads, a.threads_batch, a.cache_ram, a.cache_disk, a.shutdown_grace) < 0 or (
             not 0 <= a.port <= 65535):
         p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads, the cache sizes and "
                 "--shutdown-grace >= 0")
     return Config(model=a.model, host=a.host, port=a.port, ctx=a.ctx, threads=a.threads, api_key=a.api_key,
                   model_name=a.model_name, max_queue=a.max_queue, cors=a.cors, cache_ram=a.cache_ram,
                   yarn=a.yarn == "auto", cache_dir=a.cache_dir, cache_disk=a.cache_disk,
-                  shutdown_grace=a.shutdown_grace)
+                  shutdown_grace=a.shutdown_grace, threads_batch=a.threads_batch)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -688,12 +691,14 @@ def main(argv=None):
         engine = Engine(config.model or None, n_ctx=config.ctx, n_threads=config.threads or None,
                         max_queue=config.max_queue, model_name=config.model_name or None,
                         cache_ram_mb=config.cache_ram, yarn=config.yarn, cache_dir=config.cache_dir,
-                        cache_disk_mb=config.cache_disk)
+                        cache_disk_mb=config.cache_disk, n_threads_batch=config.threads_batch or None)
     except ModelLoadError as exc:
         print(f"llama-compat: {exc}", file=sys.stderr)
         return 1
     features = cpu_features()
     log.info("llama.cpp build: %s", features)
+    log.info("threads: %d generating, %d evaluating prompts; OpenMP: %s", engine.n_threads,
+             engine.n_threads_batch, thread_settings())
     if re.search(r"AMX\w* = 1", features):
         log.warning("this llama.cpp build has AMX kernels, which crash on some CPUs (llama.cpp issue 20824); "
                     "`make run` builds one without them")

@@ -26,6 +26,7 @@ import jinja2.sandbox
 import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 
+from cpu_share import CpuShare
 from prompt_cache import DiskStates, StateCache, common_prefix, model_identity
 from protocol import (ApiError, Finish, TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, ToolResultBlock,
                       ToolUseBlock, join_turns)
@@ -75,6 +76,12 @@ def cpu_features():
     """llama.cpp's own line of what its build uses on this CPU (`CPU : SSE3 = 1 | … | AVX2 = 1 | …`).
     The Makefile builds without AMX, whose kernels crash on some CPUs (llama.cpp issue 20824)."""
     return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def thread_settings():
+    """How llama.cpp's OpenMP threads wait, as the environment set it before the library loaded."""
+    return " ".join(f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                    if name in os.environ) or "its default waiting (spinning)"
 
 
 def _check_gguf_file(path):
@@ -217,12 +224,19 @@ def sampling_for(request):
 
 class Engine:
     def __init__(self, model_path=None, n_ctx=8192, n_threads=None, max_queue=16, model_name=None,
-                 cache_ram_mb=1024, yarn=True, cache_dir=None, cache_disk_mb=0):
+                 cache_ram_mb=1024, yarn=True, cache_dir=None, cache_disk_mb=0, n_threads_batch=None):
         model_path = model_path or default_model_path()
         _check_gguf_file(model_path)
-        threads = n_threads or os.cpu_count() or 1
-        self._llm = _load(model_path, n_ctx=n_ctx, n_batch=PROMPT_BATCH, n_threads=threads,
-                          n_threads_batch=threads, verbose=False, **rope_scaling(model_path, n_ctx, yarn))
+        # threads while generating (one token at a time) and while evaluating a prompt: as given, or
+        # (None) all cores while other processes leave them free, fewer while they use them
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_threads_batch = n_threads_batch or os.cpu_count() or 1
+        self.threads_adapt = n_threads is None, n_threads_batch is None
+        self._cpu = CpuShare(self.n_threads, self.n_threads_batch, self.threads_adapt)
+        self._threads_now = (self.n_threads, self.n_threads_batch)
+        self._llm = _load(model_path, n_ctx=n_ctx, n_batch=PROMPT_BATCH, n_threads=self.n_threads,
+                          n_threads_batch=self.n_threads_batch, verbose=False,
+                          **rope_scaling(model_path, n_ctx, yarn))
         self._ctx = self._llm._ctx.ctx
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm._model.model)
         metadata = self._llm.metadata
@@ -327,6 +341,10 @@ class Engine:
         return reused
 
     def _decode(self, tokens):
+        threads = self._cpu.threads()
+        if threads != self._threads_now:
+            llama_cpp.llama_set_n_threads(self._ctx, *threads)
+            self._threads_now = threads
         batch = self._llm._batch
         batch.set_batch(tokens, n_past=len(self._kv_tokens), logits_all=False)
         try:

@@ -1,0 +1,85 @@
+"""How many CPU threads llama.cpp should use right now, given what other processes use.
+
+Contract: `CpuShare.threads()` answers, for generation and for prompt evaluation, a thread count
+between 1 and the configured limit: the limit while the machine's other processes leave the cores
+free, fewer while they use them. It reads Linux's /proc/stat and this process's own CPU time, at most
+every SAMPLE_SECONDS; where /proc/stat is missing it always answers the limit. It never touches the
+model: the engine applies the answer (llama_set_n_threads) before each llama_decode.
+
+Why: llama.cpp's OpenMP threads wait for each other at every operation, spinning. Alone, spinning is
+the fastest way to wait (passive waiting made decoding 4x slower here). When another process holds a
+core, a spinning thread burns the time slice the thread it waits for needs, and decoding collapses to
+a few percent of its speed (README, "Sharing the machine"). A thread that waits for no one cannot
+collapse: so with other work on the cores, llama.cpp gets as many threads as there are free cores.
+"""
+
+import os
+import time
+
+# Seconds between two readings of the machine's load: short enough to follow a build starting in the
+# middle of an answer, long enough that the reading is not noise.
+SAMPLE_SECONDS = 0.5
+# Cores' worth of CPU other processes must use before a core counts as taken (an editor's or a
+# browser's background work should not halve the speed).
+TAKEN_CORE = 0.5
+
+
+def free_threads(limit, cores, others):
+    """Threads for llama.cpp when other processes use `others` cores' worth of CPU.
+
+    >>> free_threads(2, 2, 0.1), free_threads(2, 2, 0.9), free_threads(2, 2, 3.0), free_threads(8, 8, 1.2)
+    (2, 1, 1, 7)
+    """
+    taken = int(others + (1 - TAKEN_CORE))  # others rounded, a core counting from TAKEN_CORE of it
+    return max(1, min(limit, cores - taken))
+
+
+def _read_busy_seconds():
+    """CPU seconds the whole machine has been busy (steal included: a hypervisor's other guests
+    take cores too), or None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
+class CpuShare:
+    """The thread counts to use now. `adaptive` says, for generation and for prompt evaluation,
+    whether its limit may be lowered; a count the operator fixed (--threads) is kept as given."""
+
+    def __init__(self, limit_generate, limit_batch, adaptive=(True, True)):
+        self.limits = (limit_generate, limit_batch)
+        self.adaptive = adaptive
+        self._cores = os.cpu_count() or 1
+        self._last = self._reading() if any(adaptive) else None
+        self._others = 0.0
+
+    def _reading(self):
+        busy = _read_busy_seconds()
+        return None if busy is None else (time.monotonic(), busy, _own_seconds())
+
+    def others(self):
+        """Cores' worth of CPU other processes used since the last reading (refreshed at most every
+        SAMPLE_SECONDS)."""
+        if self._last is not None and time.monotonic() - self._last[0] >= SAMPLE_SECONDS:
+            now = self._reading()
+            wall, busy, own = (b - a for a, b in zip(self._last, now))
+            self._others = max(0.0, (busy - own) / wall)
+            self._last = now
+        return self._others
+
+    def threads(self):
+        """(threads while generating, threads while evaluating a prompt)."""
+        if self._last is None:
+            return self.limits
+        others = self.others()
+        return tuple(free_threads(limit, self._cores, others) if adapt else limit
+                     for limit, adapt in zip(self.limits, self.adaptive))
