@@ -28,15 +28,17 @@ bench: $(STAMP)
 # kernels segfault (llama.cpp issue 20824), so x86-64 builds switch AMX off and keep every other
 # extension of the host (AVX2, AVX-512, VNNI: prompt speed depends on them).
 LLAMA_CPP_VERSION := 0.3.36
-ifeq ($(shell uname -m),x86_64)
+# (A compiler too old to know these flags cannot emit AMX either.)
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+ifeq ($(shell uname -m)$(shell cc $(NO_AMX) -x c -E - </dev/null >/dev/null 2>&1 && echo ok),x86_64ok)
 LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 endif
 # pip caches built wheels by version alone, so a wheel built with other flags or on another CPU
 # could come back silently. Ours are kept under a key of everything that shapes the build: the
 # version, the flags, this CPU's features and the compiler. A new key gives a new build.
-BUILD_KEY := $(shell (echo $(LLAMA_CPP_VERSION) "$(LLAMA_CMAKE_ARGS)"; grep -m1 '^flags' /proc/cpuinfo; \
-	cc --version | head -n1) 2>/dev/null | $(PY) -c 'import hashlib,sys;print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')
+BUILD_KEY := $(shell (echo $(LLAMA_CPP_VERSION) "$(LLAMA_CMAKE_ARGS)" "$$CC $$CXX $$CFLAGS $$CXXFLAGS"; uname -m; \
+	grep -m1 -E '^(flags|Features)' /proc/cpuinfo; sysctl -n machdep.cpu.features machdep.cpu.leaf7_features; \
+	$${CC:-cc} --version | head -n1) 2>/dev/null | $(PY) -c 'import hashlib,sys;print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')
 WHEELS := $(HOME)/.cache/llama-compat/wheels/$(BUILD_KEY)
 SDISTS := $(HOME)/.cache/llama-compat/sdist
 LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-built
@@ -54,10 +56,13 @@ $(VENV)/.key-$(BUILD_KEY):
 	$(PY) -m venv $(VENV)
 	rm -f $(VENV)/.key-* && touch $@
 
-# About 5 minutes on 2 cores, once per build key. --no-cache-dir: never a wheel from pip's cache.
+# About 5 minutes on 2 cores, once per build key, with the venv's pip. --no-cache-dir: never a wheel
+# from pip's cache.
 $(LLAMA_WHEEL):
-	$(PY) -m pip download --quiet --no-deps --no-binary llama-cpp-python -d $(SDISTS) llama-cpp-python==$(LLAMA_CPP_VERSION)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --no-deps --no-cache-dir -w $(WHEELS) \
+	$(PY) -m venv $(VENV)
+	test -f $(SDISTS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz || $(BIN)/pip download --quiet --no-deps \
+		--no-binary llama-cpp-python -d $(SDISTS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --no-deps --no-cache-dir -w $(WHEELS) \
 		$(SDISTS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 	touch $@
 

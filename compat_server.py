@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import launch_claude
 import protocol
 from engine import ClientGone, Engine, ModelLoadError, cpu_features, sampling_for, thread_settings
 from protocol import ApiError, Finish, MessageAssembler, new_id
@@ -92,7 +94,9 @@ def parse_config(argv=None, environ=os.environ):
     p = argparse.ArgumentParser(
         prog="compat_server.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve Anthropic's Messages API from one local GGUF model. Each flag can also be "
-                    "set by the environment variable LLAMA_COMPAT_<FLAG> (e.g. LLAMA_COMPAT_PORT).")
+                    "set by the environment variable LLAMA_COMPAT_<FLAG> (e.g. LLAMA_COMPAT_PORT).",
+        epilog="`compat_server.py [flags] claude [its arguments]` runs Claude Code against this server, "
+               "starting the server with these flags when none answers on --host/--port.")
     p.add_argument("--model", default=env("MODEL", ""),
                    help="path to a GGUF model; empty means the embedded SmolLM2-135M-Instruct")
     p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to bind")
@@ -124,7 +128,7 @@ def parse_config(argv=None, environ=os.environ):
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are "
                         "answered as failed (529 overloaded_error, or an error event in a stream)")
     a = p.parse_args(argv)
-    if a.ctx < 16 or min(a.max_queue, a.threads, a.threads_batch, a.cache_ram, a.cache_disk, a.shutdown_grace) < 0 or (
+    if not math.isfinite(a.shutdown_grace) or a.ctx < 16 or min(a.max_queue, a.threads, a.threads_batch, a.cache_ram, a.cache_disk, a.shutdown_grace) < 0 or (
             not 0 <= a.port <= 65535):
         p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads, the cache sizes and "
                 "--shutdown-grace >= 0")
@@ -162,7 +166,7 @@ def model_info(engine):
 def list_models(engine, query):
     params = parse_qs(query)
     limit = params.get("limit", ["20"])[-1]
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+    if not re.fullmatch(r"[0-9]{1,4}", limit) or not 1 <= int(limit) <= 1000:
         raise protocol.invalid("limit: Input should be between 1 and 1000")
     info = model_info(engine)
     after, before = params.get("after_id", [None])[-1], params.get("before_id", [None])[-1]
@@ -243,8 +247,8 @@ class SseStream:
             self._send([{"type": "error", "error": {"type": error_type, "message": message}}])
 
     def _send(self, events):
-        if self.broken or not events:
-            return
+        if self.broken or self.closed or not events:
+            return  # nothing may follow the chunked body's end
         data = b"".join(protocol.sse_frame(e) for e in events)
         try:
             self._wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -369,6 +373,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.status is not None and (self._answered_early or self._body_unread()):
             self.close_connection = True
             self._linger()
+        if self.server.stopping.is_set():
+            self.close_connection = True  # a stopping server waits for no further request
 
     def _linger(self):
         sock = self.connection
@@ -388,8 +394,9 @@ class Handler(BaseHTTPRequestHandler):
     def _answer_shutdown(self):
         log.info("%s: cancelled: the server is shutting down", self.request_id)
         if self.status is None:
-            self._send_api_error(ApiError(529, "overloaded_error", "The server is shutting down; retry shortly",
-                                          headers=[("retry-after", "5")]))
+            with contextlib.suppress(OSError):  # the client may have left as well
+                self._send_api_error(ApiError(529, "overloaded_error", "The server is shutting down; retry shortly",
+                                              headers=[("retry-after", "5")]))
 
     def _route(self):
         url = urlsplit(self.path)
@@ -494,7 +501,7 @@ class Handler(BaseHTTPRequestHandler):
             length = self.headers.get("content-length")
             if length is None:
                 raise ApiError(411, "invalid_request_error", "Content-Length or chunked Transfer-Encoding required")
-            if not length.isdigit():
+            if not re.fullmatch(r"[0-9]+", length):
                 raise protocol.invalid("Content-Length is not a number")
             if int(length) > protocol.MAX_BODY_BYTES:
                 raise ApiError(413, "request_too_large", "Request exceeds the maximum allowed number of bytes")
@@ -682,7 +689,10 @@ def _drain(server):
 
 
 def main(argv=None):
-    config = parse_config(argv)
+    server_argv, claude_argv = launch_claude.split_argv(sys.argv[1:] if argv is None else argv)
+    config = parse_config(server_argv)
+    if claude_argv is not None:
+        return launch_claude.run(config, server_argv, claude_argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not _is_loopback(config.host) and not config.api_key:
         log.warning("!!! binding %s without --api-key: anyone who can reach this port can use the model !!!",

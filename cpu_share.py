@@ -2,8 +2,8 @@
 
 Contract: `CpuShare.threads()` answers, for generation and for prompt evaluation, a thread count
 between 1 and the configured limit: the limit while the machine's other processes leave the cores
-free, fewer while they use them. It reads Linux's /proc/stat and this process's own CPU time, at most
-every SAMPLE_SECONDS; where /proc/stat is missing it always answers the limit. It never touches the
+free, fewer while they use them. A daemon thread reads Linux's /proc/stat and this process's own CPU
+time every SAMPLE_SECONDS; where /proc/stat is missing it always answers the limit. It never touches the
 model: the engine applies the answer (llama_set_n_threads) before each llama_decode.
 
 Why: llama.cpp's OpenMP threads wait for each other at every operation, spinning. Alone, spinning is
@@ -14,6 +14,7 @@ collapse: so with other work on the cores, llama.cpp gets as many threads as the
 """
 
 import os
+import threading
 import time
 
 # Seconds between two readings of the machine's load: short enough to follow a build starting in the
@@ -46,6 +47,9 @@ def _read_busy_seconds():
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+_clock = time.monotonic
+
+
 def _own_seconds():
     times = os.times()
     return times.user + times.system
@@ -53,33 +57,51 @@ def _own_seconds():
 
 class CpuShare:
     """The thread counts to use now. `adaptive` says, for generation and for prompt evaluation,
-    whether its limit may be lowered; a count the operator fixed (--threads) is kept as given."""
+    whether its limit may be lowered; a count the operator fixed (--threads) is kept as given.
+
+    A daemon thread takes a reading every SAMPLE_SECONDS, so the first request after an idle hour
+    sees the last half second, not the hour's average."""
 
     def __init__(self, limit_generate, limit_batch, adaptive=(True, True)):
         self.limits = (limit_generate, limit_batch)
         self.adaptive = adaptive
-        self._cores = os.cpu_count() or 1
-        self._last = self._reading() if any(adaptive) else None
+        self._cores = usable_cores()
         self._others = 0.0
+        self._last = self._reading() if any(adaptive) else None
+        if self._last is not None:
+            threading.Thread(target=self._sample_forever, daemon=True).start()
 
     def _reading(self):
         busy = _read_busy_seconds()
-        return None if busy is None else (time.monotonic(), busy, _own_seconds())
+        return None if busy is None else (_clock(), busy, _own_seconds())
 
-    def others(self):
-        """Cores' worth of CPU other processes used since the last reading (refreshed at most every
-        SAMPLE_SECONDS)."""
-        if self._last is not None and time.monotonic() - self._last[0] >= SAMPLE_SECONDS:
-            now = self._reading()
-            wall, busy, own = (b - a for a, b in zip(self._last, now))
+    def sample(self):
+        """Cores' worth of CPU other processes used since the last reading; a new reading."""
+        now = self._reading()
+        if now is None or self._last is None:
+            return self._others
+        wall, busy, own = (b - a for a, b in zip(self._last, now))
+        if wall > 0:
             self._others = max(0.0, (busy - own) / wall)
-            self._last = now
+        self._last = now
         return self._others
+
+    def _sample_forever(self):
+        while True:
+            time.sleep(SAMPLE_SECONDS)
+            self.sample()
 
     def threads(self):
         """(threads while generating, threads while evaluating a prompt)."""
         if self._last is None:
             return self.limits
-        others = self.others()
-        return tuple(free_threads(limit, self._cores, others) if adapt else limit
+        return tuple(free_threads(limit, self._cores, self._others) if adapt else limit
                      for limit, adapt in zip(self.limits, self.adaptive))
+
+
+def usable_cores():
+    """The cores this process may run on (a container or taskset may allow fewer than the host has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

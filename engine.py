@@ -26,7 +26,7 @@ import jinja2.sandbox
 import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 
-from cpu_share import CpuShare
+from cpu_share import CpuShare, usable_cores
 from prompt_cache import DiskStates, StateCache, common_prefix, model_identity
 from protocol import (ApiError, Finish, TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, ToolResultBlock,
                       ToolUseBlock, join_turns)
@@ -229,8 +229,8 @@ class Engine:
         _check_gguf_file(model_path)
         # threads while generating (one token at a time) and while evaluating a prompt: as given, or
         # (None) all cores while other processes leave them free, fewer while they use them
-        self.n_threads = n_threads or os.cpu_count() or 1
-        self.n_threads_batch = n_threads_batch or os.cpu_count() or 1
+        self.n_threads = n_threads or usable_cores()
+        self.n_threads_batch = n_threads_batch or usable_cores()
         self.threads_adapt = n_threads is None, n_threads_batch is None
         self._cpu = CpuShare(self.n_threads, self.n_threads_batch, self.threads_adapt)
         self._threads_now = (self.n_threads, self.n_threads_batch)
@@ -252,7 +252,8 @@ class Engine:
         self._pieces = {}
         self._kv_tokens = []  # what the KV cache of sequence 0 holds, position by position
         self._states = StateCache(cache_ram_mb * 1024 * 1024)
-        self._disk = DiskStates(cache_dir, cache_disk_mb * 1024 * 1024, model_identity(model_path)) if (
+        self._disk = DiskStates(cache_dir, cache_disk_mb * 1024 * 1024, model_identity(model_path),
+                                idle=self._turns.idle) if (
             cache_dir and cache_disk_mb > 0) else None
         self._n_swa = llama_cpp.llama_model_n_swa(self._llm._model.model)
 
@@ -477,17 +478,21 @@ class Engine:
 
     def _persist(self, evaluated):
         """A prompt that took long to evaluate is worth keeping across restarts: its state is copied
-        out here (the only part that holds the model) and written to disk in the background."""
+        out here, after the answer (the only part that holds the model), and written to disk in the
+        background. The same copy serves the RAM tier, so a side request next need not copy it again."""
         if self._disk is None or not self._disk.enabled or evaluated < DISK_MIN_EVALUATED:
             return
         data = self._copy_state()
         if data is not None:
-            self._disk.save(tuple(self._kv_tokens), data)
+            tokens = tuple(self._kv_tokens)
+            self._disk.save(tokens, data)
+            if len(data) <= self._states.budget:
+                self._states.put(tokens, data)
 
     def _save_live(self, keep):
         """Before a cut throws away much of the live state (a side request, another conversation),
         keep a copy so that returning to it costs a restore, not an evaluation."""
-        if len(self._kv_tokens) - keep < CACHE_MIN_TOKENS:
+        if len(self._kv_tokens) - keep < CACHE_MIN_TOKENS or tuple(self._kv_tokens) in self._states:
             return
         size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
         if size <= self._states.budget:
@@ -705,6 +710,8 @@ class Turns:
         self._cond = threading.Condition()
         self._queue = deque()
         self._holder = None
+        self.idle = threading.Event()  # set while no one holds or waits for the model
+        self.idle.set()
 
     def reserve(self):
         with self._cond:
@@ -723,6 +730,7 @@ class Turns:
                 if self._holder is None and self._queue and self._queue[0] is ticket:
                     self._queue.popleft()
                     self._holder = ticket
+                    self.idle.clear()
                     return
                 self._cond.wait(0.1)
             if cancelled():
@@ -734,6 +742,8 @@ class Turns:
                 self._holder = None
             elif ticket in self._queue:
                 self._queue.remove(ticket)
+            if self._holder is None and not self._queue:
+                self.idle.set()
             self._cond.notify_all()
 
     @property

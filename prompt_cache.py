@@ -26,6 +26,9 @@ MAGIC = b"LCKVST01"
 HEADER = struct.Struct("<32sI")
 LENGTH = struct.Struct("<Q")
 DIGEST_BYTES = 32
+# Bytes the disk writer hashes and writes at a time: between two pieces it waits while a request
+# holds the model, so a request that arrives mid-write waits at most one piece.
+WRITE_PIECE = 4 * 1024 * 1024
 # Bytes hashed from each end of the model file for its identity: enough to tell quantizations and
 # fine-tunes apart, cheap at start-up even for multi-GB files.
 IDENTITY_SPAN = 8 * 1024 * 1024
@@ -92,13 +95,18 @@ class StateCache:
     def __len__(self):
         return len(self._entries)
 
+    def __contains__(self, tokens):
+        return tokens in self._entries
+
 
 class DiskStates:
     """Prompt states in a folder, one file each, least recently used (by mtime) out past the budget."""
 
-    def __init__(self, folder, budget, identity):
+    def __init__(self, folder, budget, identity, idle=None):
         self.budget = budget
         self._identity = identity
+        # set while the model is idle: the writer works only then (None: always)
+        self._idle = idle
         self._folder = folder
         self._index = {}  # tokens -> file path, for this model's files
         self._lock = threading.Lock()  # guards _index: the writer thread adds and evicts
@@ -184,7 +192,12 @@ class DiskStates:
         try:
             with open(tmp, "wb") as f:
                 for part in (MAGIC, HEADER.pack(self._identity, len(tokens)),
-                             struct.pack(f"<{len(tokens)}i", *tokens), LENGTH.pack(len(data)), memoryview(data)):
+                             struct.pack(f"<{len(tokens)}i", *tokens), LENGTH.pack(len(data)),
+                             *_pieces(memoryview(data).cast("B"))):
+                    if self._idle is not None:
+                        # hashing and writing hundreds of MB takes a core; llama.cpp's threads wait
+                        # for each other, so a core taken from one slows them all: write between requests
+                        self._idle.wait()
                     digest.update(part)
                     f.write(part)
                 f.write(digest.digest())
@@ -261,6 +274,10 @@ class DiskStates:
         with self._lock:
             for tokens in [t for t, indexed in self._index.items() if indexed == path]:
                 del self._index[tokens]
+
+
+def _pieces(view, size=WRITE_PIECE):
+    return (view[i:i + size] for i in range(0, len(view), size))
 
 
 def _header(raw):

@@ -54,6 +54,7 @@ def start(env, threads, threads_batch, cache_dir):
             return proc, port
         except OSError:
             time.sleep(0.1)
+    proc.kill()
     raise SystemExit("the server did not start")
 
 
@@ -64,7 +65,8 @@ def request(port, text, max_tokens, time_box=600.0):
                        "messages": [{"role": "user", "content": text}]}).encode()
     raw = (b"POST /v1/messages HTTP/1.1\r\nHost: bench\r\ncontent-type: application/json\r\n"
            b"content-length: %d\r\n\r\n%s" % (len(body), body))
-    marker, received, arrivals = b"event: content_block_delta", b"", []
+    # text deltas with text: the keep-alive delta sent during a long prompt evaluation is empty
+    marker, empty, received, arrivals = b'"text_delta", "text": "', b'"text_delta", "text": ""}', b"", []
     with socket.create_connection(("127.0.0.1", port), timeout=time_box) as sock:
         started = time.perf_counter()
         sock.sendall(raw)
@@ -75,7 +77,10 @@ def request(port, text, max_tokens, time_box=600.0):
                 break
             if not chunk:
                 break
-            arrivals += [time.perf_counter()] * (received[-len(marker):] + chunk).count(marker)
+            # a marker may straddle two reads: count over the joined tail, less what the tail held
+            tail = received[-(len(empty) - 1):]
+            new = (tail + chunk).count(marker) - (tail + chunk).count(empty) - tail.count(marker) + tail.count(empty)
+            arrivals += [time.perf_counter()] * new
             received += chunk
     start_line = received[received.index(b'data: {"type": "message_start"'):].split(b"\n", 1)[0]
     prompt_tokens = json.loads(start_line[6:])["message"]["usage"]["input_tokens"]
@@ -86,13 +91,14 @@ def measure(port, tag):
     decode, prompt = [], []
     for r in range(ROUNDS):
         _, arrivals, _ = request(port, DECODE_PROMPT, DECODE_TOKENS, TIME_BOX)
-        if len(arrivals) > 2:
+        if len(arrivals) > 2 and arrivals[-1] > arrivals[0]:
             decode.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
         # a prompt no cache holds: its own number first
         text = f"Report {tag}-{r}-{time.time_ns()}. " + " ".join(f"Line {i} of the log says ok." for i in range(40))
         ttft, _, tokens = request(port, text, 1)
-        prompt.append(tokens / ttft)
-    return statistics.median(decode) if decode else 0.0, statistics.median(prompt)
+        if ttft:
+            prompt.append(tokens / ttft)
+    return statistics.median(decode) if decode else 0.0, statistics.median(prompt) if prompt else 0.0
 
 
 class Load:

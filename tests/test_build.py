@@ -32,22 +32,26 @@ def test_the_build_flags_remove_amx_and_keep_avx512_on_a_cpu_that_has_both(order
     flags = makefile_no_amx_flags()
     march = ["-march=sapphirerapids"]
     args = march + flags if order == "flags after -march" else flags + march
-    macros = subprocess.run(["gcc", *args, "-dM", "-E", "-"], input="", capture_output=True, text=True,
-                            check=True).stdout
+    compiled = subprocess.run(["gcc", *args, "-dM", "-E", "-"], input="", capture_output=True, text=True)
+    if compiled.returncode != 0:
+        pytest.skip("this gcc predates AMX (and so cannot emit it)")
+    macros = compiled.stdout
     assert "__AMX_" not in macros
     for kept in ("__AVX2__", "__AVX512F__", "__AVX512VNNI__", "__AVX512BF16__"):
         assert kept in macros
 
 
-def test_the_server_logs_the_build_line_at_start():
+def test_the_server_logs_the_build_line_at_start(tmp_path):
     from test_robustness import start_process
-    proc = start_process("--port", "0")
+    proc = start_process("--port", "0", "--cache-dir", str(tmp_path))
     try:
         for line in proc.stdout:
             if "llama.cpp build:" in line:
                 assert "CPU :" in line
                 break
             assert "serving" not in line, "served before logging the build"
+        else:
+            pytest.fail("the server ended without logging the build")
     finally:
         proc.kill()
         proc.wait()

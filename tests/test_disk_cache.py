@@ -95,3 +95,16 @@ def test_a_state_replaced_while_waiting_does_not_hold_up_flush(tmp_path, monkeyp
     flushed.join(5)
     assert not flushed.is_alive()
     assert states.longest_prefix((2,))[1] == 1  # the newest was written
+
+
+def test_the_writer_waits_while_a_request_holds_the_model(tmp_path):
+    idle = threading.Event()  # a request holds the model
+    states = DiskStates(str(tmp_path), 10**8, b"a" * 32, idle=idle)
+    states.save((1, 2, 3), bytearray(10**7))
+    flushed = threading.Thread(target=states.flush, daemon=True)
+    flushed.start()
+    flushed.join(timeout=0.5)
+    assert flushed.is_alive() and not kv_files(tmp_path)  # not one byte of the state while it works
+    idle.set()
+    flushed.join(timeout=30)
+    assert not flushed.is_alive() and len(kv_files(tmp_path)) == 1

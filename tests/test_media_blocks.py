@@ -108,10 +108,11 @@ def test_server_tool_blocks_of_a_real_history_are_read_as_text_or_dropped():
     assert [b.text for b in parsed[2].content] == ["Guide (https://docs.example)\n\nStep one.", "thanks"]
 
 
-@given(st.binary(max_size=64))
-def test_a_placeholder_depends_only_on_the_block(data):
-    body = request_with(image(b"\x89PNG\r\n\x1a\n" + data))
-    assert user_blocks(body) == user_blocks(json.loads(json.dumps(body)))
+@given(st.binary(max_size=4000))
+def test_a_placeholder_says_the_size_and_nothing_of_the_bytes(data):
+    png = b"\x89PNG\r\n\x1a\n" + data
+    (block,) = user_blocks(request_with(image(png)))
+    assert block.text == f"[image/png image, {len(png) / 1e3:.1f} KB: {NOT_SHOWN}]"
 
 
 # --- the real server --------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def read_until_closed(sock, timeout=10):
 
 # --- unread bodies --------------------------------------------------------------------------------
 
-def test_a_body_too_large_is_answered_413_to_a_client_that_sends_it_all_before_reading():
+def test_a_body_too_large_is_answered_413_to_a_client_that_sends_it_all_before_reading(monkeypatch):
+    monkeypatch.setattr(compat_server, "LINGER_SECONDS", 120)  # however slow the machine is today
     running = scripted_server([TextDelta("ok"), FINISH])
     try:
         with running.raw() as sock:
