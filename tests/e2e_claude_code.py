@@ -7,7 +7,7 @@ Standard library only, so `tests/test_claude_code.py` imports the same functions
 anything unless asked (`--install`), connects to nothing but 127.0.0.1, and writes only in temporary
 folders.
 
-    python tests/e2e_claude_code.py                  # --bare: text, then stream-json, then a Read round trip
+    python tests/e2e_claude_code.py                  # --bare: text, stream-json, a Read round trip, one command
     python tests/e2e_claude_code.py --profile full   # Claude Code's full tool list: ~20k tokens, ~5 minutes
 
 Why the pieces are the way they are (details in shared/CLAUDE_CODE_TRAFFIC.md):
@@ -373,6 +373,19 @@ def read_round_trip(claude, server_port, timeout=600, max_output_tokens=MAX_OUTP
     return run, calls, results
 
 
+def launcher_run(claude, workdir, home, prompt, timeout=600):
+    """`compat_server.py --port P claude -p PROMPT --bare`, as a user types it: the launcher starts its
+    own server (none answers on P), runs this `claude` with the environment it sets, and stops it."""
+    env = {k: v for k, v in claude_env(home, "").items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))}
+    env["PATH"] = f"{Path(claude).parent}{os.pathsep}{env['PATH']}"
+    argv = [sys.executable, str(ROOT / "compat_server.py"), "--port", str(free_port()), "--ctx", "8192",
+            "--cache-dir", str(Path(workdir) / "launcher-cache"), "claude", "-p", prompt, "--bare"]
+    started = time.monotonic()
+    done = subprocess.run(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+    return Run(tuple(argv), done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
@@ -422,6 +435,13 @@ def main(argv=None):
             ok = run.returncode == 0 and any(SECRET in r for r in results)
             print(f"--- Read round trip: {'ok' if ok else 'FAILED'} (exit {run.returncode}, "
                   f"{run.seconds:.1f}s)\ncalls: {calls}\nresults: {[r[:200] for r in results]}", flush=True)
+            failed |= not ok
+        if args.profile == "bare":  # the idle server above is not the one the launcher finds: other port
+            run = launcher_run(claude, workdir, home, args.prompt, args.timeout)
+            ok = run.returncode == 0 and bool(run.stdout.strip())
+            print(f"--- one command (compat_server.py claude -p …): {'ok' if ok else 'FAILED'} (exit "
+                  f"{run.returncode}, {run.seconds:.1f}s)\n{run.stdout.strip()[:300] or run.stderr[-1000:]}",
+                  flush=True)
             failed |= not ok
     finally:
         stop_server(server)
