@@ -366,15 +366,23 @@ class Handler(BaseHTTPRequestHandler):
             self.server.count_request(-1)
             self._log_access()
 
+    def _input_left(self):
+        """Whether bytes of this request may still be unread: its body, or the rest of a request an
+        early error cut short."""
+        return self._answered_early or self._body_unread()
+
+    def _closes(self):
+        """The end-of-request rule: the connection closes when input was left unread (its bytes must
+        never be read as the next request) or once the server is stopping (it waits for no more)."""
+        return self._input_left() or self.server.stopping.is_set()
+
     def _end_request(self):
-        """The end-of-request rule: a body left unread, or a request cut short by an early error,
-        closes the connection (its bytes must never be read as the next request), lingering first so
-        the answer reaches a client still sending."""
-        if self.status is not None and (self._answered_early or self._body_unread()):
-            self.close_connection = True
+        """Applies the rule; an answer sent with input left unread lingers first, so that it reaches
+        a client still sending."""
+        if self.status is not None and self._input_left():
             self._linger()
-        if self.server.stopping.is_set():
-            self.close_connection = True  # a stopping server waits for no further request
+        if self._closes():
+            self.close_connection = True
 
     def _linger(self):
         sock = self.connection
@@ -518,8 +526,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("access-control-allow-origin", cors)
             self.send_header("access-control-allow-headers", "*")
             self.send_header("access-control-allow-methods", "GET, POST, OPTIONS")
-        if self._body_unread() or self.server.stopping.is_set():
-            self.close_connection = True  # the end-of-request rule; a stopping server takes no more
+        if self._closes():
+            self.close_connection = True
         if self.close_connection:
             self.send_header("connection", "close")
 

@@ -231,8 +231,7 @@ class Engine:
         # (None) all cores while other processes leave them free, fewer while they use them
         self.n_threads = n_threads or usable_cores()
         self.n_threads_batch = n_threads_batch or usable_cores()
-        self.threads_adapt = n_threads is None, n_threads_batch is None
-        self._cpu = CpuShare(self.n_threads, self.n_threads_batch, self.threads_adapt)
+        self._cpu = CpuShare(self.n_threads, self.n_threads_batch, (n_threads is None, n_threads_batch is None))
         self._threads_now = (self.n_threads, self.n_threads_batch)
         self._llm = _load(model_path, n_ctx=n_ctx, n_batch=PROMPT_BATCH, n_threads=self.n_threads,
                           n_threads_batch=self.n_threads_batch, verbose=False,

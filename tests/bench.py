@@ -37,12 +37,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(port, cache_dir):
-    """The server as a user starts it (its default threads: all cores while the machine is otherwise
-    quiet), but with an empty cache folder of its own, so that `cold` is cold in every run; ready once
-    its port accepts connections."""
+def start_server(port, cache_dir, *flags, env=None):
+    """The server as a user starts it (with `flags`; its default threads: all cores while the machine
+    is otherwise quiet), but with an empty cache folder of its own, so that `cold` is cold in every
+    run; ready once its port accepts connections."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "compat_server.py"), "--port", str(port),
-                             "--ctx", str(CTX), "--cache-dir", cache_dir],
+                             "--cache-dir", cache_dir, *flags], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -51,38 +51,48 @@ def start_server(port, cache_dir):
             return proc
         except OSError:
             time.sleep(0.1)
+    proc.kill()
     raise SystemExit("the server did not start")
 
 
-def stream(port, messages, max_tokens):
-    """One streamed request: (seconds to the first text delta, [arrival time of each delta], usage).
+def stream(port, messages, max_tokens, time_box=600.0):
+    """One streamed request: (seconds to the first text delta or None, [arrival time of each text
+    delta], usage or None when the stream was left after `time_box` seconds, which cancels it).
 
     Read off a raw socket with no JSON parsing on the way: on two cores, any CPU the client spends
     while a token is decoded is taken from llama.cpp's threads and would be measured as server cost.
+    Only deltas with text count: the keep-alive delta sent during a long prompt evaluation is empty.
     """
     body = json.dumps({"model": "bench", "max_tokens": max_tokens, "temperature": 0, "stream": True,
                        "messages": messages}).encode()
     request = (b"POST /v1/messages HTTP/1.1\r\nHost: bench\r\ncontent-type: application/json\r\n"
                b"content-length: %d\r\n\r\n%s" % (len(body), body))
-    marker = b"event: content_block_delta"
+    marker, empty = b'"text_delta", "text": "', b'"text_delta", "text": ""}'
     arrivals, received = [], b""
-    with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=time_box) as sock:
         started = time.perf_counter()
         sock.sendall(request)
         # the last chunk; the \r\n before it ends the chunk before, so headers never match it (a
         # header value can end in "0" right before the blank line)
-        while not received.endswith(b"\r\n0\r\n\r\n"):
-            chunk = sock.recv(65536)
+        while not received.endswith(b"\r\n0\r\n\r\n") and time.perf_counter() - started < time_box:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
             if not chunk:
                 break
             now = time.perf_counter()
-            # a marker may straddle two reads: count over the joined tail
-            seen = (received[-len(marker):] + chunk).count(marker)
+            # a marker may straddle two reads: count over the joined tail, less what the tail held
+            tail = received[-(len(empty) - 1):]
+            joined = tail + chunk
+            seen = joined.count(marker) - joined.count(empty) - tail.count(marker) + tail.count(empty)
             arrivals += [now] * seen
             received += chunk
-    data_line = received[received.rindex(b'data: {"type": "message_delta"'):].split(b"\n", 1)[0]
-    usage = json.loads(data_line[len(b"data: "):])["usage"]
-    return arrivals[0] - started, arrivals, usage
+    usage = None
+    if b'data: {"type": "message_delta"' in received:
+        data_line = received[received.rindex(b'data: {"type": "message_delta"'):].split(b"\n", 1)[0]
+        usage = json.loads(data_line[len(b"data: "):])["usage"]
+    return (arrivals[0] - started if arrivals else None), arrivals, usage
 
 
 def user(text):
@@ -156,7 +166,7 @@ def decode_rate(arrivals):
 def main():
     port = free_port()
     cache_dir = tempfile.TemporaryDirectory(prefix="llama-compat-bench-")
-    server = start_server(port, cache_dir.name)
+    server = start_server(port, cache_dir.name, "--ctx", str(CTX))
     baseline = Baseline()
     rows = {name: [] for name in ("decode_server", "decode_base", "ttft_server", "ttft_base", "cold", "warm",
                                   "aba_cold", "aba_third", "side_server", "side_base")}

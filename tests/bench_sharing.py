@@ -9,9 +9,7 @@ ratio to the same setting alone in this run, and to the spinning default alone, 
 between runs does not enter the comparison.
 """
 
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import tempfile
 import threading
 import time
 
-from bench import free_port
+from bench import DECODE_PROMPT, free_port, start_server, stream, user
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORES = os.cpu_count() or 1
@@ -37,67 +35,27 @@ CONDITIONS = ["alone", "busy loop", "second server"]
 ROUNDS = 2
 DECODE_TOKENS = 64
 TIME_BOX = 20.0  # seconds a decode measurement may take; the stream is then left (and cancelled)
-DECODE_PROMPT = "What is the capital of France?"  # greedy, the default model lists without end
 
 
 def start(env, threads, threads_batch, cache_dir):
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "compat_server.py"), "--port", str(port),
-                             "--ctx", "2048", "--threads", str(threads), "--threads-batch", str(threads_batch),
-                             "--cache-dir", cache_dir, "--cache-ram", "0"],
-                            env={**clean, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not start")
-
-
-def request(port, text, max_tokens, time_box=600.0):
-    """A streamed request: (seconds to the first delta, arrival times of the deltas, input tokens);
-    left after `time_box` seconds."""
-    body = json.dumps({"model": "bench", "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "messages": [{"role": "user", "content": text}]}).encode()
-    raw = (b"POST /v1/messages HTTP/1.1\r\nHost: bench\r\ncontent-type: application/json\r\n"
-           b"content-length: %d\r\n\r\n%s" % (len(body), body))
-    # text deltas with text: the keep-alive delta sent during a long prompt evaluation is empty
-    marker, empty, received, arrivals = b'"text_delta", "text": "', b'"text_delta", "text": ""}', b"", []
-    with socket.create_connection(("127.0.0.1", port), timeout=time_box) as sock:
-        started = time.perf_counter()
-        sock.sendall(raw)
-        while not received.endswith(b"\r\n0\r\n\r\n") and time.perf_counter() - started < time_box:
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                break
-            if not chunk:
-                break
-            # a marker may straddle two reads: count over the joined tail, less what the tail held
-            tail = received[-(len(empty) - 1):]
-            new = (tail + chunk).count(marker) - (tail + chunk).count(empty) - tail.count(marker) + tail.count(empty)
-            arrivals += [time.perf_counter()] * new
-            received += chunk
-    start_line = received[received.index(b'data: {"type": "message_start"'):].split(b"\n", 1)[0]
-    prompt_tokens = json.loads(start_line[6:])["message"]["usage"]["input_tokens"]
-    return (arrivals[0] - started if arrivals else None), arrivals, prompt_tokens
+    proc = start_server(port, cache_dir, "--ctx", "2048", "--threads", str(threads), "--threads-batch",
+                        str(threads_batch), "--cache-ram", "0", env={**clean, **env})
+    return proc, port
 
 
 def measure(port, tag):
     decode, prompt = [], []
     for r in range(ROUNDS):
-        _, arrivals, _ = request(port, DECODE_PROMPT, DECODE_TOKENS, TIME_BOX)
+        _, arrivals, _ = stream(port, user(DECODE_PROMPT), DECODE_TOKENS, TIME_BOX)
         if len(arrivals) > 2 and arrivals[-1] > arrivals[0]:
             decode.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
         # a prompt no cache holds: its own number first
         text = f"Report {tag}-{r}-{time.time_ns()}. " + " ".join(f"Line {i} of the log says ok." for i in range(40))
-        ttft, _, tokens = request(port, text, 1)
-        if ttft:
-            prompt.append(tokens / ttft)
+        ttft, _, usage = stream(port, user(text), 1)
+        if ttft and usage:
+            prompt.append((usage["input_tokens"] + usage["cache_read_input_tokens"]) / ttft)
     return statistics.median(decode) if decode else 0.0, statistics.median(prompt) if prompt else 0.0
 
 
@@ -114,7 +72,7 @@ class Load:
         i = 0
         while not self._stop.is_set():
             i += 1
-            request(self.port, f"Tell me about the number {i}.", 48, time_box=30)
+            stream(self.port, user(f"Tell me about the number {i}."), 48, time_box=30)
 
     def stop(self):
         self._stop.set()

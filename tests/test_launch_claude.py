@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import Running
+from e2e_claude_code import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAND_IN = """#!{python}
@@ -31,12 +32,6 @@ def stand_in(tmp_path):
     script.write_text(STAND_IN.format(python=sys.executable, record=str(record)))
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return bin_dir, record
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(tmp_path, path, port, *claude_args, extra_env=None):

@@ -2,7 +2,6 @@
 its answer, how a stopping server says so, and that an answer never waits for work after it."""
 
 import json
-import socket
 import threading
 import time
 
