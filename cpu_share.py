@@ -68,6 +68,7 @@ class CpuShare:
         self._cores = usable_cores()
         self._others = 0.0
         self._last = self._reading() if any(adaptive) else None
+        self._stopped = threading.Event()
         if self._last is not None:
             threading.Thread(target=self._sample_forever, daemon=True).start()
 
@@ -87,9 +88,11 @@ class CpuShare:
         return self._others
 
     def _sample_forever(self):
-        while True:
-            time.sleep(SAMPLE_SECONDS)
+        while not self._stopped.wait(SAMPLE_SECONDS):
             self.sample()
+
+    def stop(self):
+        self._stopped.set()
 
     def threads(self):
         """(threads while generating, threads while evaluating a prompt)."""

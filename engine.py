@@ -9,6 +9,7 @@ headers, sockets or wire JSON; what the client must see as an error is raised as
 Sections, in order: loading, prompt rendering, tokenization, admission (the lock), generation.
 """
 
+import atexit
 import codecs
 import ctypes
 import datetime
@@ -18,6 +19,7 @@ import logging
 import os
 import re
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -43,6 +45,8 @@ PROMPT_BATCH = 512
 CACHE_MIN_TOKENS = 256
 # Prompts that needed at least this many tokens evaluated are written to the disk cache.
 DISK_MIN_EVALUATED = 1024
+# Seconds close() waits for the request in flight to notice it is cancelled (at most one prompt batch).
+CLOSE_WAIT = 30
 # Sampling the API leaves to the server when a request does not say (llama.cpp's own defaults);
 # `temperature` keeps the API's default of 1.0.
 DEFAULT_TOP_K = 40
@@ -255,6 +259,12 @@ class Engine:
                                 idle=self._turns.idle) if (
             cache_dir and cache_disk_mb > 0) else None
         self._n_swa = llama_cpp.llama_model_n_swa(self._llm._model.model)
+        self._closing = threading.Event()
+        self._tokenizing = threading.Lock()  # tokenizing runs outside the turns; close() frees under it
+        self._freed = False
+        # a generation still running when the interpreter exits crashes it (llama.cpp's memory is
+        # freed under it): whoever forgot close() still gets it, without the engine being kept alive
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def _piece(self, token, special=False):
         """The bytes a token stands for (a piece of a UTF-8 character, possibly); memoized, since the
@@ -295,7 +305,11 @@ class Engine:
         return len(self._tokenize_prompt(self.template.render(request)))
 
     def _tokenize_prompt(self, text):
-        tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        with self._tokenizing:
+            if self._freed:
+                raise ApiError(529, "overloaded_error", "Overloaded: the server is shutting down",
+                               headers=[("retry-after", "2")])
+            tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         bos = self._llm.token_bos()
         if self._add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
             tokens.insert(0, bos)
@@ -318,10 +332,13 @@ class Engine:
 
         Raises ClientGone when `cancelled()` turns true; the model is free again either way.
         """
-        self._turns.acquire(ticket, cancelled)
+        def stopped():
+            return self._closing.is_set() or cancelled()
+
+        self._turns.acquire(ticket, stopped)
         try:
-            reused = self._evaluate(prompt.tokens, cancelled)
-            yield from self._sample(prompt, sampling, cancelled, reused)
+            reused = self._evaluate(prompt.tokens, stopped)
+            yield from self._sample(prompt, sampling, stopped, reused)
             self._persist(len(prompt.tokens) - reused)  # after the answer, so it never delays one
         finally:
             ticket.close()
@@ -469,11 +486,25 @@ class Engine:
             live = common_prefix(restore, target)
         return self._cut(live)
 
-    def close(self):
-        """Waits for the prompt state being written to disk, so that stopping the server right after
-        a long first turn still leaves it for the next start."""
-        if self._disk is not None:
+    def close(self, wait=CLOSE_WAIT):
+        """Cancel what is in flight, wait for the prompt state being written to disk (so that stopping
+        the server right after a long first turn still leaves it for the next start), and free the
+        model. Requests after this end as if their client had left, or 529 before they are admitted."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._cpu.stop()
+        # the writer works only while the model is idle; llama.cpp must not be freed under a thread
+        # still inside it, and one that never lets go is left to the process's end
+        idle = self._turns.idle.wait(wait)
+        if idle and self._disk is not None:
             self._disk.flush()
+        if not (idle and self._turns.hold_for_good(wait)):
+            log.warning("the model was still in use %g s after close(); not freeing it", wait)
+            return
+        with self._tokenizing:
+            self._llm.close()
+            self._freed = True
 
     def _persist(self, evaluated):
         """A prompt that took long to evaluate is worth keeping across restarts: its state is copied
@@ -532,6 +563,12 @@ class Engine:
         self._kv_tokens.clear()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
 
+
+
+def _close_at_exit(engine_ref):
+    engine = engine_ref()
+    if engine is not None:
+        engine.close()
 
 
 def _as_text(text):
@@ -724,7 +761,7 @@ class Turns:
 
     def acquire(self, ticket, cancelled):
         """Wait for the model; `cancelled()` (which may block on a socket) is asked outside the lock."""
-        while True:
+        while not cancelled():
             with self._cond:
                 if self._holder is None and self._queue and self._queue[0] is ticket:
                     self._queue.popleft()
@@ -732,8 +769,17 @@ class Turns:
                     self.idle.clear()
                     return
                 self._cond.wait(0.1)
-            if cancelled():
-                raise ClientGone()
+        raise ClientGone()
+
+    def hold_for_good(self, timeout):
+        """Take the model once no one holds or waits for it, and never give it back (closing: those
+        still waiting are being cancelled); False if that did not happen within `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._holder is None and not self._queue, timeout):
+                return False
+            self._holder = self
+            self.idle.clear()
+            return True
 
     def _leave(self, ticket):
         with self._cond:

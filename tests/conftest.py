@@ -38,7 +38,9 @@ class Running:
 
 @pytest.fixture(scope="session")
 def engine():
-    return Engine(n_ctx=2048, max_queue=16)
+    engine = Engine(n_ctx=2048, max_queue=16)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")

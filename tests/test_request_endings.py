@@ -2,6 +2,9 @@
 its answer, how a stopping server says so, and that an answer never waits for work after it."""
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -9,8 +12,9 @@ import pytest
 
 import compat_server
 from conftest import Running, ScriptedEngine
-from engine import ClientGone, Turns
-from protocol import Finish, TextDelta
+from engine import ClientGone, Engine, Turns
+from protocol import ApiError, Finish, TextDelta
+from test_cache import run
 from test_http import BODY, Reader, assert_error, post, sse_events
 
 FINISH = Finish("end_turn", None, 3, 0, 1)
@@ -199,3 +203,58 @@ def test_a_forced_call_whose_grammar_llama_cpp_refuses_still_comes_back_as_a_cal
     assert [e.name for e in events if isinstance(e, ToolUseStart)] == ["get_weather"]
     assert events[-1].stop_reason == "tool_use"
     assert "trying a looser one" in caplog.text
+
+
+# --- the engine's own end -------------------------------------------------------------------------
+
+EXIT_MID_EVALUATION = """
+import atexit, sys, threading, time
+import engine as engine_module, protocol
+def evaluate_prompts():
+    for i in range(100):  # each a new prompt: the thread spends its time inside llama_decode
+        request = protocol.parse_messages_request({"model": "m", "max_tokens": 1, "messages": [
+            {"role": "user", "content": f"{i} " + "Tell me about cats and dogs. " * 60}]})
+        for _ in engine.generate(engine.reserve(), engine.prepare(request), engine_module.sampling_for(request),
+                                 lambda: False):
+            pass
+worker = threading.Thread(target=evaluate_prompts, daemon=True)
+# registered before the engine exists, so it runs after the engine's own exit handler
+atexit.register(lambda: (worker.join(10), print("inside llama.cpp at exit:", worker.is_alive())))
+engine = engine_module.Engine(n_ctx=2048)
+worker.start()
+time.sleep(0.5)
+sys.exit(0)
+"""
+
+
+def test_a_process_that_exits_while_the_model_works_stops_it_first():
+    """A thread still inside llama.cpp when the interpreter finalizes crashes it (a segfault, or
+    "terminate called without an active exception" as CI saw): the engine cancels it at exit."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", EXIT_MID_EVALUATION], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "inside llama.cpp at exit: False" in done.stdout
+
+
+def test_close_cancels_the_request_in_flight_then_refuses_new_ones():
+    engine = Engine(n_ctx=1024)
+    tokens_seen = threading.Event()
+    outcome = []
+
+    def long_run():
+        try:
+            run(engine, "Write a very long story about a cat.", max_tokens=900,
+                cancelled=lambda: tokens_seen.set() or False)
+        except ClientGone:
+            outcome.append("cancelled")
+
+    worker = threading.Thread(target=long_run)
+    worker.start()
+    tokens_seen.wait(60)
+    engine.close()
+    worker.join(30)
+    assert outcome == ["cancelled"]
+    with pytest.raises(ApiError) as refused:
+        run(engine, "Hello")
+    assert refused.value.status == 529

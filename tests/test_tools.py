@@ -5,13 +5,17 @@ import json
 import anthropic
 import pytest
 
+# maxLength: sampled at temperature 1, a 135M model can ramble inside a string argument until max_tokens
+# (seen in CI: a forced call still open after 400 tokens); the grammar enforces the bound, so the call ends
 WEATHER = {"name": "get_weather", "description": "Get the current weather in a given location",
            "input_schema": {"type": "object", "properties": {
-               "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+               "location": {"type": "string", "maxLength": 60,
+                            "description": "The city and state, e.g. San Francisco, CA"},
                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
                "required": ["location"]}}
 TIME = {"name": "get_time", "description": "Current time in a time zone",
-        "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}
+        "input_schema": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}},
+                         "required": ["zone"]}}
 ASK = [{"role": "user", "content": "What is the weather like in San Francisco?"}]
 
 
