@@ -3,18 +3,16 @@
 Contract: this module owns the socket, HTTP/1.1 framing (keep-alive, chunked bodies both ways), auth,
 routing, the access log, and writing JSON and SSE; it turns every failure into an Anthropic-shaped
 error with the right status, and nothing internal (paths, tracebacks) ever reaches a client. It never
-imports llama_cpp: the protocol rules live in `protocol.py`, the model in `engine.py`.
+imports llama_cpp: the protocol rules live in `protocol.py`, the model in `engine.py` (one entry,
+`Engine.submit`), the settings in `config.py`.
 
 Run `python compat_server.py --help` for the flags.
 """
 
-import argparse
 import contextlib
 import hmac
 import json
 import logging
-import math
-import os
 import re
 import select
 import signal
@@ -22,13 +20,13 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import launch_claude
 import protocol
-from engine import ClientGone, Engine, ModelLoadError, cpu_features, sampling_for, thread_settings
+from config import parse_config
+from engine import ClientGone, Engine, ModelLoadError, cpu_features, thread_settings
 from protocol import ApiError, Finish, MessageAssembler, new_id
 
 log = logging.getLogger("llama-compat")
@@ -43,9 +41,6 @@ REQUEST_READ_DEADLINE = 30
 PING_INTERVAL = 5.0
 # Open connections served at once; past it a connection is answered 529 and closed.
 MAX_CONNECTIONS = 64
-# Seconds that in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled
-# (the default of --shutdown-grace).
-SHUTDOWN_GRACE = 10.0
 # After an answer sent before the request's body was read (a 413, a GET with a body), the connection
 # closes; first what the client still sends is read and dropped, for at most this long and this much,
 # so that it can finish sending and read the answer instead of meeting a reset (a lingering close).
@@ -56,86 +51,6 @@ LINGER_BYTES = 2 * protocol.MAX_BODY_BYTES
 CONTENT_KEEPALIVE = 20.0
 # Epoch creation date: the API allows it when a model's release date is unknown.
 MODEL_CREATED_AT = "1970-01-01T00:00:00Z"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Config:
-    model: str
-    host: str
-    port: int
-    ctx: int
-    threads: int
-    api_key: str
-    model_name: str
-    max_queue: int
-    cors: str
-    cache_ram: int
-    yarn: bool
-    cache_dir: str
-    cache_disk: int
-    shutdown_grace: float = SHUTDOWN_GRACE
-    threads_batch: int = 0
-
-
-def default_cache_dir(environ=os.environ):
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "llama-compat")
-
-
-def parse_config(argv=None, environ=os.environ):
-    """Flags, each falling back to an environment variable, then to the default shown in --help."""
-    def env(name, default):
-        return environ.get("LLAMA_COMPAT_" + name, default)
-
-    p = argparse.ArgumentParser(
-        prog="compat_server.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Serve Anthropic's Messages API from one local GGUF model. Each flag can also be "
-                    "set by the environment variable LLAMA_COMPAT_<FLAG> (e.g. LLAMA_COMPAT_PORT).",
-        epilog="`compat_server.py [flags] claude [its arguments]` runs Claude Code against this server, "
-               "starting the server with these flags when none answers on --host/--port.")
-    p.add_argument("--model", default=env("MODEL", ""),
-                   help="path to a GGUF model; empty means the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to bind")
-    p.add_argument("--port", type=int, default=int(env("PORT", "1234")), help="port to bind (0: any free)")
-    p.add_argument("--ctx", type=int, default=int(env("CTX", "8192")), help="context size in tokens")
-    p.add_argument("--threads", type=int, default=int(env("THREADS", "0")),
-                   help="CPU threads for llama.cpp while it generates (0: all cores)")
-    p.add_argument("--threads-batch", type=int, default=int(env("THREADS_BATCH", "0")),
-                   help="CPU threads for llama.cpp while it evaluates a prompt (0: all cores)")
-    p.add_argument("--api-key", default=env("API_KEY", ""),
-                   help="require this key as x-api-key or Authorization: Bearer (empty: no auth)")
-    p.add_argument("--model-name", default=env("MODEL_NAME", ""),
-                   help="model id shown by /v1/models (empty: from the GGUF's metadata)")
-    p.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", "16")),
-                   help="requests that may wait for the model; more get 529 overloaded_error")
-    p.add_argument("--cors", default=env("CORS", ""),
-                   help="allow browser requests from this origin (empty: CORS off)")
-    p.add_argument("--cache-ram", type=int, default=int(env("CACHE_RAM", "1024")),
-                   help="MB of RAM for saved prompt states, so returning to an earlier conversation "
-                        "after another one does not evaluate its prompt again (0: keep only the live one)")
-    p.add_argument("--cache-dir", default=env("CACHE_DIR", default_cache_dir()),
-                   help="folder for prompt states kept across restarts")
-    p.add_argument("--cache-disk", type=int, default=int(env("CACHE_DISK", "4096")),
-                   help="MB of disk for prompt states kept across restarts (0: none)")
-    p.add_argument("--yarn", choices=("auto", "off"), default=env("YARN", "auto"),
-                   help="auto: when --ctx exceeds the model's training context and the GGUF declares no "
-                        "rope scaling of its own, apply YaRN scaling so the model stays coherent")
-    p.add_argument("--shutdown-grace", type=float, default=float(env("SHUTDOWN_GRACE", str(SHUTDOWN_GRACE))),
-                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are "
-                        "answered as failed (529 overloaded_error, or an error event in a stream)")
-    a = p.parse_args(argv)
-    if not math.isfinite(a.shutdown_grace) or a.ctx < 16 or min(a.max_queue, a.threads, a.threads_batch, a.cache_ram, a.cache_disk, a.shutdown_grace) < 0 or (
-            not 0 <= a.port <= 65535):
-        p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads, the cache sizes and "
-                "--shutdown-grace >= 0")
-    return Config(model=a.model, host=a.host, port=a.port, ctx=a.ctx, threads=a.threads, api_key=a.api_key,
-                  model_name=a.model_name, max_queue=a.max_queue, cors=a.cors, cache_ram=a.cache_ram,
-                  yarn=a.yarn == "auto", cache_dir=a.cache_dir, cache_disk=a.cache_disk,
-                  shutdown_grace=a.shutdown_grace, threads_batch=a.threads_batch)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,27 +360,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def _create_message(self, query, model_id):
         request = protocol.parse_messages_request(self._read_json())
-        engine = self.server.engine
-        prompt = engine.prepare(request)  # a 400 for a prompt that does not fit comes before any byte
-        sampling = sampling_for(request)
-        with engine.reserve() as ticket:  # 529 when the queue is full, also before any byte
-            assembler = MessageAssembler(new_id("msg_"), request.model, len(prompt.tokens))
-            events = engine.generate(ticket, prompt, sampling, self._client_gone)
+        # a 400 for a prompt that does not fit, a 529 for a full queue: both before any byte
+        with self.server.engine.submit(request, self._client_gone) as job:
+            assembler = MessageAssembler(new_id("msg_"), request.model, job.input_tokens)
             if request.stream:
-                return self._stream(assembler, events, "thinking" if request.thinking else "text")
-            with contextlib.closing(events):
-                for event in events:
-                    assembler.feed(event)
-                    if isinstance(event, Finish):
-                        # answered now: what the engine does after the answer (keeping the prompt
-                        # state) must not delay it
-                        self._send_json(200, assembler.message)
+                return self._stream(assembler, job, "thinking" if request.thinking else "text")
+            for event in job:
+                assembler.feed(event)
+                if isinstance(event, Finish):
+                    # answered now: what the engine does after the answer (keeping the prompt state)
+                    # must not delay it
+                    self._send_json(200, assembler.message)
 
     def _client_gone(self):
         return self.server.cancel_all.is_set() or (self._sse is not None and self._sse.broken) or peer_closed(
             self.connection)
 
-    def _stream(self, assembler, events, keepalive_kind):
+    def _stream(self, assembler, job, keepalive_kind):
         self.send_response(200)
         self.send_header("content-type", "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
@@ -474,7 +385,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self._sse = sse = SseStream(self.wfile, assembler, keepalive_kind)
         try:
-            for event in events:
+            for event in job:
                 sse.feed(event)
                 if isinstance(event, Finish):
                     sse.close()  # the stream ends here; keeping the prompt state comes after
@@ -487,7 +398,7 @@ class Handler(BaseHTTPRequestHandler):
                 log.exception("%s: failed mid-stream", self.request_id)
                 sse.fail()
         finally:
-            events.close()
+            job.close()
             sse.close()
             if sse.broken:
                 self.close_connection = True
@@ -706,10 +617,7 @@ def main(argv=None):
         log.warning("!!! binding %s without --api-key: anyone who can reach this port can use the model !!!",
                     config.host)
     try:
-        engine = Engine(config.model or None, n_ctx=config.ctx, n_threads=config.threads or None,
-                        max_queue=config.max_queue, model_name=config.model_name or None,
-                        cache_ram_mb=config.cache_ram, yarn=config.yarn, cache_dir=config.cache_dir,
-                        cache_disk_mb=config.cache_disk, n_threads_batch=config.threads_batch or None)
+        engine = Engine(config)
     except ModelLoadError as exc:
         print(f"llama-compat: {exc}", file=sys.stderr)
         return 1

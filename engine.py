@@ -1,20 +1,23 @@
-"""One llama.cpp model, its lock, and everything between a validated request and generated text.
+"""One llama.cpp model, its lock, and the path from a validated request to reply events.
 
-Contract: `Engine` loads one GGUF, renders a `protocol.MessagesRequest` with the model's own chat
-template, tokenizes it, admits one request at a time through a bounded FIFO queue, reuses the longest
-prefix already in the KV cache, and yields `protocol.TextDelta` events then one `protocol.Finish`.
-It checks the caller's `cancelled()` between prompt batches and between tokens. It never sees HTTP,
-headers, sockets or wire JSON; what the client must see as an error is raised as `protocol.ApiError`.
+Contract: `Engine` loads one GGUF (as `config.Config` says), and `submit` turns a
+`protocol.MessagesRequest` into a `Job`: rendered by `chat_template.ChatTemplate`, tokenized, its reply
+planned (grammar, tool format), and admitted to the bounded FIFO queue, so that every error a client
+may see before its answer (400, 529) is raised there as `protocol.ApiError`. Iterating the job waits
+for the model, reuses the longest prefix the KV cache (or a saved state) holds, evaluates the rest,
+samples token by token and yields `protocol` events (text, thinking, tool-use starts and input
+deltas, read by `reply_reader.ReplyReader`), then one `protocol.Finish`. It checks the caller's
+`cancelled()` between prompt batches and between tokens. It never sees HTTP, headers, sockets or
+wire JSON.
 
-Sections, in order: loading, prompt rendering, tokenization, admission (the lock), generation.
+Sections, in order: loading, planning a reply, the engine (loading, admission, evaluation, sampling,
+cache, closing), the lock and its queue.
 """
 
 import atexit
 import codecs
 import ctypes
-import datetime
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -23,17 +26,15 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 
-import jinja2
-import jinja2.sandbox
 import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 
+from chat_template import ChatTemplate
 from cpu_share import CpuShare, usable_cores
 from prompt_cache import DiskStates, StateCache, common_prefix, model_identity
-from protocol import (ApiError, Finish, TextBlock, TextDelta, ThinkingBlock, ThinkingDelta, ToolResultBlock,
-                      ToolUseBlock, join_turns)
-from tool_calls import (GENERIC, CallParser, ToolFormat, call_grammar, detect_format, format_call, json_grammar,
-                        lazy_call_grammar, template_supports_tools)
+from protocol import ApiError, Finish
+from reply_reader import ReplyReader
+from tool_calls import GENERIC, ToolFormat, call_grammar, json_grammar, lazy_call_grammar
 
 log = logging.getLogger("llama-compat")
 
@@ -156,6 +157,10 @@ def _slug(text):
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Planning a reply: how it is constrained, read and sampled
+# ---------------------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class ReplyPlan:
     """How a reply is constrained and read: free text, one JSON document, or text with tool calls."""
@@ -226,38 +231,55 @@ def sampling_for(request):
         top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p)
 
 
+def _make_sampler(sampling, grammar=None):
+    """The sampler chain; a grammar goes first, so that what it forbids is never sampled."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if grammar is not None:
+        llama_cpp.llama_sampler_chain_add(chain, grammar)
+    if sampling.temperature <= 0.0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if sampling.top_k > 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(sampling.seed))
+    return chain
+
+
 class Engine:
-    def __init__(self, model_path=None, n_ctx=8192, n_threads=None, max_queue=16, model_name=None,
-                 cache_ram_mb=1024, yarn=True, cache_dir=None, cache_disk_mb=0, n_threads_batch=None):
-        model_path = model_path or default_model_path()
+    """The model and everything that must hold its turn to use it; see the module's contract."""
+
+    def __init__(self, config):
+        model_path = config.model or default_model_path()
         _check_gguf_file(model_path)
-        # threads while generating (one token at a time) and while evaluating a prompt: as given, or
-        # (None) all cores while other processes leave them free, fewer while they use them
-        self.n_threads = n_threads or usable_cores()
-        self.n_threads_batch = n_threads_batch or usable_cores()
-        self._cpu = CpuShare(self.n_threads, self.n_threads_batch, (n_threads is None, n_threads_batch is None))
+        # threads while generating (one token at a time) and while evaluating a prompt: as configured,
+        # or (0) all cores while other processes leave them free, fewer while they use them
+        self.n_threads = config.threads or usable_cores()
+        self.n_threads_batch = config.threads_batch or usable_cores()
+        self._cpu = CpuShare(self.n_threads, self.n_threads_batch, (not config.threads, not config.threads_batch))
         self._threads_now = (self.n_threads, self.n_threads_batch)
-        self._llm = _load(model_path, n_ctx=n_ctx, n_batch=PROMPT_BATCH, n_threads=self.n_threads,
+        self._llm = _load(model_path, n_ctx=config.ctx, n_batch=PROMPT_BATCH, n_threads=self.n_threads,
                           n_threads_batch=self.n_threads_batch, verbose=False,
-                          **rope_scaling(model_path, n_ctx, yarn))
+                          **rope_scaling(model_path, config.ctx, config.yarn))
         self._ctx = self._llm._ctx.ctx
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm._model.model)
         metadata = self._llm.metadata
         self.n_ctx = self._llm.n_ctx()
-        self.model_name = model_name or _slug(metadata.get("general.name", "")) or _slug(
+        self.model_name = config.model_name or _slug(metadata.get("general.name", "")) or _slug(
             os.path.splitext(os.path.basename(model_path))[0])
         self.display_name = metadata.get("general.name") or self.model_name
         self.template = ChatTemplate(metadata.get("tokenizer.chat_template"),
                                      bos_token=self._token_text(self._llm.token_bos()),
                                      eos_token=self._token_text(self._llm.token_eos()))
         self._add_bos = self._llm._model.add_bos_token()
-        self._turns = Turns(max_queue)
+        self._turns = Turns(config.max_queue)
         self._pieces = {}
         self._kv_tokens = []  # what the KV cache of sequence 0 holds, position by position
-        self._states = StateCache(cache_ram_mb * 1024 * 1024)
-        self._disk = DiskStates(cache_dir, cache_disk_mb * 1024 * 1024, model_identity(model_path),
-                                idle=self._turns.idle) if (
-            cache_dir and cache_disk_mb > 0) else None
+        self._states = StateCache(config.cache_ram * 1024 * 1024)
+        self._disk = DiskStates(config.cache_dir, config.cache_disk * 1024 * 1024, model_identity(model_path),
+                                idle=self._turns.idle) if (config.cache_dir and config.cache_disk > 0) else None
         self._n_swa = llama_cpp.llama_model_n_swa(self._llm._model.model)
         self._closing = threading.Event()
         self._tokenizing = threading.Lock()  # tokenizing runs outside the turns; close() frees under it
@@ -285,11 +307,21 @@ class Engine:
         return self._llm._model.token_get_text(token)
 
     # -----------------------------------------------------------------------------------------------
-    # Tokenization
+    # Admission: every error a client may see before its answer begins
     # -----------------------------------------------------------------------------------------------
 
-    def prepare(self, request):
-        """Render and tokenize a request and plan its reply; a prompt with no room to answer is a 400."""
+    def submit(self, request, cancelled):
+        """Render, tokenize and plan `request` (400 for a prompt with no room to answer), then take a
+        place in the queue (529 when it is full). The job's events wait for the model; `cancelled()`
+        is asked while they wait and between prompt batches and tokens, and ends them in ClientGone."""
+        prompt = self._prepare(request)
+        ticket = self._turns.reserve()
+        return Job(ticket, len(prompt.tokens), self._run(ticket, prompt, sampling_for(request), cancelled))
+
+    def count_tokens(self, request):
+        return len(self._tokenize_prompt(self.template.render(request)))
+
+    def _prepare(self, request):
         text = self.template.render(request)
         tokens = self._tokenize_prompt(text)
         if len(tokens) >= self.n_ctx:
@@ -300,9 +332,6 @@ class Engine:
                       plan_reply(request, template.tool_format), show_thinking=request.thinking,
                       thinking_budget=request.thinking_budget,
                       starts_in_thinking=template.reasoning is not None and template.reasoning.opened_by(text))
-
-    def count_tokens(self, request):
-        return len(self._tokenize_prompt(self.template.render(request)))
 
     def _tokenize_prompt(self, text):
         with self._tokenizing:
@@ -316,22 +345,12 @@ class Engine:
         return tuple(tokens)
 
     # -----------------------------------------------------------------------------------------------
-    # Admission
+    # Evaluation: the prompt into the KV cache
     # -----------------------------------------------------------------------------------------------
 
-    def reserve(self):
-        """A place in the queue for the model, or ApiError(529) when the queue is full."""
-        return self._turns.reserve()
-
-    # -----------------------------------------------------------------------------------------------
-    # Generation
-    # -----------------------------------------------------------------------------------------------
-
-    def generate(self, ticket, prompt, sampling, cancelled):
+    def _run(self, ticket, prompt, sampling, cancelled):
         """Wait for the model, evaluate what the KV cache lacks, sample until a stop; yield events.
-
-        Raises ClientGone when `cancelled()` turns true; the model is free again either way.
-        """
+        Raises ClientGone when `cancelled()` (or close()) stops it; the model is free again either way."""
         def stopped():
             return self._closing.is_set() or cancelled()
 
@@ -371,22 +390,16 @@ class Engine:
             raise
         self._kv_tokens.extend(tokens)
 
+    # -----------------------------------------------------------------------------------------------
+    # Sampling: the token loop
+    # -----------------------------------------------------------------------------------------------
+
     def _sample(self, prompt, sampling, cancelled, reused):
         reply = prompt.reply
         sampler = _make_sampler(sampling, self._grammar_sampler(reply))
-        parser = CallParser(reply.tool_format, reply.tool_names, reply.parallel) if reply.tool_format else None
-        read_answer = parser.feed if parser else _as_text
         fmt = self.template.reasoning
-        reasoning = ReasoningSplitter(fmt, prompt.starts_in_thinking) if fmt else None
-
-        def read(text, final=False):
-            """Generated text to events: reasoning apart from the answer, calls out of the answer."""
-            for kind, piece in reasoning.feed(text, final) if reasoning else (("text", text),):
-                if kind == "text":
-                    yield from read_answer(piece)
-                elif prompt.show_thinking:
-                    yield ThinkingDelta(piece)
-
+        reader = ReplyReader(prompt.stop_sequences + prompt.end_strings, fmt, prompt.starts_in_thinking,
+                             prompt.show_thinking, reply.tool_format, reply.tool_names, reply.parallel)
         # formats whose markers are special tokens ([TOOL_CALLS], harmony's <|channel|>…) must see them
         # as text: calls only when tools are offered, harmony's reasoning in every reply
         special = reply.tool_format not in (None, GENERIC) or (fmt is not None and fmt.special)
@@ -394,7 +407,6 @@ class Engine:
             room = self.n_ctx - len(prompt.tokens)
             limit = min(sampling.max_tokens, room)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            stops = StopMatcher(prompt.stop_sequences + prompt.end_strings)
             produced, thought, stop_reason, stop_sequence = 0, 0, None, None
             while stop_reason is None:
                 if produced >= limit:
@@ -407,28 +419,26 @@ class Engine:
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     stop_reason = "end_turn"
                     break
-                thinking = reasoning is not None and reasoning.inside
-                text, hit = stops.feed(decoder.decode(self._piece(token, special)))
-                yield from read(text)
+                thinking = reader.thinking
+                events, hit = reader.feed(decoder.decode(self._piece(token, special)))
+                yield from events
                 if hit is not None:
                     stop_reason, stop_sequence = ("stop_sequence", hit) if hit in prompt.stop_sequences else (
                         "end_turn", None)
-                elif parser and parser.done:
+                elif reader.done:
                     stop_reason = "end_turn"  # a call ended and no further one may follow
                 if stop_reason is None:
                     self._decode([token])
                     thought += thinking
-                    if thinking and reasoning.inside and prompt.thinking_budget and thought >= prompt.thinking_budget:
-                        close = reasoning.fmt.budget_close
+                    if thinking and reader.thinking and prompt.thinking_budget and thought >= prompt.thinking_budget:
+                        close = fmt.budget_close
                         closed = self._close_reasoning(sampler, close, limit - produced)
                         if closed:
                             produced += closed
-                            yield from read(stops.flush() + close)  # what was held back was reasoning
-            yield from read(stops.flush(decoder.decode(b"", final=True)) if stop_sequence is None else "", final=True)
-            if parser:
-                yield from parser.finish()
-                if parser.calls and stop_reason == "end_turn":
-                    stop_reason = "tool_use"
+                            yield from reader.close_reasoning(close)
+            yield from reader.finish(decoder.decode(b"", final=True), stopped=stop_sequence is not None)
+            if reader.calls and stop_reason == "end_turn":
+                stop_reason = "tool_use"
             yield Finish(stop_reason, stop_sequence, len(prompt.tokens) - reused, reused, produced)
         finally:
             llama_cpp.llama_sampler_free(sampler)
@@ -485,26 +495,6 @@ class Engine:
         if data is not None and self._restore(restore, data):
             live = common_prefix(restore, target)
         return self._cut(live)
-
-    def close(self, wait=CLOSE_WAIT):
-        """Cancel what is in flight, wait for the prompt state being written to disk (so that stopping
-        the server right after a long first turn still leaves it for the next start), and free the
-        model. Requests after this end as if their client had left, or 529 before they are admitted."""
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        self._cpu.stop()
-        # the writer works only while the model is idle; llama.cpp must not be freed under a thread
-        # still inside it, and one that never lets go is left to the process's end
-        idle = self._turns.idle.wait(wait)
-        if idle and self._disk is not None:
-            self._disk.flush()
-        if not (idle and self._turns.hold_for_good(wait)):
-            log.warning("the model was still in use %g s after close(); not freeing it", wait)
-            return
-        with self._tokenizing:
-            self._llm.close()
-            self._freed = True
 
     def _persist(self, evaluated):
         """A prompt that took long to evaluate is worth keeping across restarts: its state is copied
@@ -563,6 +553,29 @@ class Engine:
         self._kv_tokens.clear()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
 
+    # -----------------------------------------------------------------------------------------------
+    # Closing
+    # -----------------------------------------------------------------------------------------------
+
+    def close(self, wait=CLOSE_WAIT):
+        """Cancel what is in flight, wait for the prompt state being written to disk (so that stopping
+        the server right after a long first turn still leaves it for the next start), and free the
+        model. Requests after this end as if their client had left, or 529 before they are admitted."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._cpu.stop()
+        # the writer works only while the model is idle; llama.cpp must not be freed under a thread
+        # still inside it, and one that never lets go is left to the process's end
+        idle = self._turns.idle.wait(wait)
+        if idle and self._disk is not None:
+            self._disk.flush()
+        if not (idle and self._turns.hold_for_good(wait)):
+            log.warning("the model was still in use %g s after close(); not freeing it", wait)
+            return
+        with self._tokenizing:
+            self._llm.close()
+            self._freed = True
 
 
 def _close_at_exit(engine_ref):
@@ -571,170 +584,8 @@ def _close_at_exit(engine_ref):
         engine.close()
 
 
-def _as_text(text):
-    return (TextDelta(text),) if text else ()
-
-
-def _make_sampler(sampling, grammar=None):
-    """The sampler chain; a grammar goes first, so that what it forbids is never sampled."""
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    if grammar is not None:
-        llama_cpp.llama_sampler_chain_add(chain, grammar)
-    if sampling.temperature <= 0.0:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        return chain
-    if sampling.top_k > 0:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
-    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
-    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
-    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(sampling.seed))
-    return chain
-
-
-class StopMatcher:
-    """Cuts generated text at the first stop string, holding back what might be the start of one.
-
-    >>> m = StopMatcher(("END",))
-    >>> m.feed("abcE"), m.feed("N"), m.feed("D!")
-    (('abc', None), ('', None), ('', 'END'))
-    """
-
-    def __init__(self, stops):
-        self._stops = tuple(s for s in stops if s)
-        self._pending = ""
-
-    def feed(self, text):
-        """Returns (text safe to emit, the stop string hit or None)."""
-        self._pending += text
-        hits = [(at + len(s), at, s) for s in self._stops if (at := self._pending.find(s)) >= 0]
-        if hits:
-            # the stop that completes first, as if text arrived one character at a time
-            _, at, stop = min(hits, key=lambda hit: hit[:2])
-            emit, self._pending = self._pending[:at], ""
-            return emit, stop
-        keep = self._held_back()
-        emit, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
-        return emit, None
-
-    def _held_back(self):
-        longest = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(self._pending)), longest, -1):
-                if self._pending.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
-
-    def flush(self, text=""):
-        """The end of generation: whatever was held back (plus `text`) is not a stop after all."""
-        emit, hit = self.feed(text)
-        if hit is not None:
-            return emit
-        emit, self._pending = emit + self._pending, ""
-        return emit
-
-
-@dataclass(frozen=True)
-class ReasoningFormat:
-    """How a family of models sets its reasoning apart from its answer: the reasoning runs from
-    `open` to `close`, and outside it the `headers` (what a format writes between its reasoning and
-    its answer) are dropped wherever they appear. No marker may contain another: that is what lets
-    `ReasoningSplitter` hold back only the end of its text and still split it the same way however
-    it is cut into tokens."""
-
-    open: str
-    close: str
-    budget_close: str  # written into the context, as if by the model, when the thinking budget is spent
-    headers: tuple = ()
-    special: bool = False  # the markers are control tokens: they detokenize only as special pieces
-
-    def __post_init__(self):
-        markers = {self.open, self.close, *self.headers}
-        if any(a != b and b in a for a in markers for b in markers):
-            raise ValueError("a reasoning marker contains another one")
-
-    def opened_by(self, prompt_text):
-        """Whether a rendered prompt ends inside the reasoning (DeepSeek-R1 style generation prompts)."""
-        return prompt_text.rstrip().endswith(self.open)
-
-
-# Qwen 3, DeepSeek-R1 and their templates: reasoning between think tags, the answer after them.
-THINK_TAGS = ReasoningFormat("<think>", "</think>", budget_close="\n</think>\n\n")
-# gpt-oss (OpenAI harmony): reasoning is an analysis-channel message, the answer a final-channel one
-# (after the generation prompt `<|start|>assistant`, with or without analysis before it). A call,
-# `<|start|>assistant<|channel|>commentary to=functions.…`, reaches the call parser from `<|channel|>`
-# on; a commentary message without a recipient (a preamble to calls) is answer text.
-HARMONY_CHANNELS = ReasoningFormat(
-    "<|channel|>analysis<|message|>", "<|end|>",
-    budget_close="<|end|><|start|>assistant<|channel|>final<|message|>",
-    headers=("<|start|>assistant", "<|channel|>final<|message|>", "<|channel|>commentary<|message|>", "<|end|>"),
-    special=True)
-
-
-CONTROL_TOKEN = re.compile(r"<\|\w+\|>")
-
-
-class ReasoningSplitter:
-    """Splits generated text into reasoning and answer at a format's markers, holding back what
-    might be the start of a marker; markers are dropped, and so is whitespace right after one.
-
-    >>> s = ReasoningSplitter(THINK_TAGS)
-    >>> s.feed("<thi"), s.feed("nk>\\nhmm</thi"), s.feed("nk>\\n\\nYes")
-    ([], [('thinking', 'hmm')], [('text', 'Yes')])
-    >>> s = ReasoningSplitter(HARMONY_CHANNELS)
-    >>> s.feed("<|channel|>analysis<|message|>hmm<|en"), s.feed("d|><|start|>assistant<|channel|>final<|message|>Yes")
-    ([('thinking', 'hmm')], [('text', 'Yes')])
-    """
-
-    def __init__(self, fmt, inside=False):
-        self.fmt = fmt
-        self.inside = inside
-        self._pending = ""
-        self._after_marker = inside
-        # what ends the stretch of text being read: inside the reasoning its close, outside its open
-        # or a header
-        self._markers = {True: (fmt.close,), False: (fmt.open, *fmt.headers)}
-        self._patterns = {side: re.compile("|".join(map(re.escape, markers)))
-                          for side, markers in self._markers.items()}
-
-    def feed(self, text, final=False):
-        """Returns [(kind, text)], kind "thinking" or "text". `final`: generation ended, so what was
-        held back is not a marker after all."""
-        self._pending += text
-        out = []
-        while match := self._patterns[self.inside].search(self._pending):
-            self._emit(out, self._pending[:match.start()])
-            self._pending = self._pending[match.end():]
-            # inside, the close ends the reasoning; outside, the open starts it and a header is skipped
-            self.inside, self._after_marker = not self.inside and match[0] == self.fmt.open, True
-        keep = _longest_marker_start(self._pending, self._markers[self.inside])
-        if final:
-            # what was held back is text after all, unless it is a header of control tokens cut short
-            # (a reply that ran out of tokens between two harmony messages)
-            if self.fmt.special and CONTROL_TOKEN.match(self._pending[len(self._pending) - keep:]):
-                self._pending = self._pending[:len(self._pending) - keep]
-            keep = 0
-        self._emit(out, self._pending[:len(self._pending) - keep])
-        self._pending = self._pending[len(self._pending) - keep:]
-        return out
-
-    def _emit(self, out, piece):
-        if self._after_marker:
-            piece = piece.lstrip()
-            self._after_marker = not piece
-        if piece:
-            out.append(("thinking" if self.inside else "text", piece))
-
-
-def _longest_marker_start(text, markers):
-    """The length of the longest end of `text` that is the start (not the whole) of a marker."""
-    return max((n for marker in markers for n in range(1, min(len(marker), len(text) + 1))
-                if text.endswith(marker[:n])), default=0)
-
-
 # ---------------------------------------------------------------------------------------------------
-# Admission: the one model lock and its FIFO queue
+# The lock and its queue: who may use the model
 # ---------------------------------------------------------------------------------------------------
 
 class Turns:
@@ -813,183 +664,24 @@ class Ticket:
         self.close()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Prompt rendering
-# ---------------------------------------------------------------------------------------------------
+class Job:
+    """An admitted request: iterate it for its events, which wait for the model's turn first; closing
+    it, or leaving its `with`, gives up its place in the queue or the model, whichever it holds."""
 
-# Used when a GGUF carries no chat template (base models such as Gemma 3 270M): plain labelled turns.
-FALLBACK_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m.role == 'system' %}{{ m.content }}\n\n"
-    "{% elif m.role == 'user' %}User: {{ m.content }}\n\n"
-    "{% else %}Assistant: {{ m.content }}\n\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}")
-FALLBACK_END_STRINGS = ("\nUser:",)
+    def __init__(self, ticket, input_tokens, events):
+        self.input_tokens = input_tokens  # the prompt's length, for message_start's usage
+        self._ticket = ticket
+        self._events = events
 
-GENERIC_TOOL_PREAMBLE = (
-    "You can call these tools. To call one, reply with a line of the form\n"
-    "<tool_call>{\"name\": \"TOOL_NAME\", \"input\": {...}}</tool_call>\n"
-    "and nothing after it; the result comes back in the next user turn.\n\nTools:\n")
+    def __iter__(self):
+        return self._events
 
+    def close(self):
+        self._events.close()
+        self._ticket.close()
 
-def _raise_exception(message):
-    raise jinja2.TemplateError(message)
+    def __enter__(self):
+        return self
 
-
-def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
-    # Hugging Face templates expect this signature and no HTML escaping (jinja2's own escapes '<').
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
-
-
-def detect_reasoning(template_source):
-    """The reasoning format a chat template teaches its model, or None when it teaches none.
-
-    >>> detect_reasoning("{{ '<|start|>assistant<|channel|>analysis<|message|>' }}") is HARMONY_CHANNELS
-    True
-    """
-    source = template_source or ""
-    if "<|channel|>" in source and "analysis" in source:
-        return HARMONY_CHANNELS
-    return THINK_TAGS if THINK_TAGS.open in source else None
-
-
-class ChatTemplate:
-    """The GGUF's own Jinja chat template (sandboxed), or the labelled-turns fallback.
-
-    A template that takes `tools` gets them, and earlier calls and results, in its own format
-    (`tool_calls` on assistant turns, `tool` turns for results); any other template gets the tools
-    described in the system text with our generic calling convention, and history written in it.
-    """
-
-    def __init__(self, source, bos_token, eos_token):
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           undefined=jinja2.ChainableUndefined)
-        env.filters["tojson"] = _tojson
-        env.globals.update(raise_exception=_raise_exception,
-                           strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
-        self._template = env.from_string(source or FALLBACK_TEMPLATE)
-        self._bos, self._eos = bos_token, eos_token
-        self.end_strings = () if source else FALLBACK_END_STRINGS
-        self.native_tools = template_supports_tools(source)
-        self.tool_format = detect_format(source) if self.native_tools else GENERIC
-        self.reasoning = detect_reasoning(source)
-
-    def render(self, request):
-        """The prompt text for a request: its history, then the start of the assistant's turn, then
-        any prefill. The same request always renders to the same text."""
-        last_is_prefill = request.messages[-1].role == "assistant"
-        history = request.messages[:-1] if last_is_prefill else request.messages
-        offered = request.tools if request.tool_choice.type != "none" else ()
-        opening, history = _split_opening_system(history)
-        system = "\n\n".join(text for text in (*opening, request.system) if text)
-        system = system if self.native_tools else _generic_system_text(system, offered)
-        turns = [{"role": "system", "content": system}] if system else []
-        for message in history:
-            turns += _native_turns(message) if self.native_tools else [
-                {"role": message.role, "content": _generic_content_text(message.content)}]
-        tools = [_tool_json(t) for t in offered] if self.native_tools and offered else None
-        try:
-            text = self._render(turns, tools, request.thinking)
-        except jinja2.TemplateError:
-            # Templates that allow a system turn only first (or strict alternation) get mid-conversation
-            # system messages folded into a neighbouring user turn.
-            try:
-                text = self._render(_fold_system_turns(turns), tools, request.thinking)
-            except jinja2.TemplateError as exc:  # the conversation, not the server, is what it refuses
-                raise ApiError(400, "invalid_request_error",
-                               f"the model's chat template cannot render this conversation: {exc}") from None
-        return text + request.prefill
-
-    def _render(self, turns, tools, thinking):
-        # enable_thinking: the switch of Qwen 3 style templates; others ignore it
-        return self._template.render(messages=turns, tools=tools, add_generation_prompt=True,
-                                     enable_thinking=thinking, bos_token=self._bos, eos_token=self._eos)
-
-
-def _split_opening_system(messages):
-    """System messages sent before the model's first turn go with the system prompt, before it:
-    they are context for the whole conversation, and Claude Code's agent list (~1,500 tokens, the
-    same in every conversation) arrives that way right after the first user message, so rendered in
-    place it would be evaluated anew, deep in the context, for every new conversation; and before the
-    system prompt, which names the working folder, it is shared by conversations in other folders too.
-    Returns (their texts, the other messages); later system messages stay where they are, and so do
-    all of them when no user message would be left to render."""
-    first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
-    opening = [m.content[0].text for m in messages[:first_reply] if m.role == "system"]
-    # user messages that only a system message kept apart become one turn, as the API joins them
-    rest = join_turns([m for i, m in enumerate(messages) if i >= first_reply or m.role != "system"])
-    if not any(m.role == "user" for m in rest):
-        return [], list(messages)
-    return opening, rest
-
-
-def _tool_json(tool):
-    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
-                                             "parameters": tool.input_schema}}
-
-
-def _native_turns(message):
-    """One message as Hugging Face chat turns: calls as `tool_calls`, each result as a `tool` turn."""
-    text = "\n\n".join(b.text for b in message.content if isinstance(b, TextBlock) and b.text)
-    calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input}}
-             for b in message.content if isinstance(b, ToolUseBlock)]
-    results = [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.content}
-               for b in message.content if isinstance(b, ToolResultBlock)]
-    turn = {"role": message.role, "content": text}
-    reasoning = "\n\n".join(b.thinking for b in message.content if isinstance(b, ThinkingBlock) and b.thinking)
-    if reasoning:
-        turn["reasoning_content"] = reasoning  # Qwen 3's name; templates without it ignore it
-        # gpt-oss's name. Its template has one analysis message before a call and refuses a call turn
-        # with both content and thinking; it shows the content there instead.
-        if not (calls and text):
-            turn["thinking"] = reasoning
-    if calls:
-        turn["tool_calls"] = calls
-    return results + ([turn] if text or calls or not results else [])
-
-
-def _generic_system_text(system, tools):
-    """The system prompt, with tool descriptions first so that a new conversation with the same tools
-    shares the longest possible prefix with the last one."""
-    if not tools:
-        return system
-    lines = [json.dumps({"name": t.name, "description": t.description, "input_schema": t.input_schema},
-                        ensure_ascii=False) for t in tools]
-    return GENERIC_TOOL_PREAMBLE + "\n".join(lines) + ("\n\n" + system if system else "")
-
-
-def _generic_content_text(blocks):
-    parts = []
-    for block in blocks:
-        if isinstance(block, TextBlock):
-            if block.text:
-                parts.append(block.text)
-        elif isinstance(block, ToolUseBlock):
-            parts.append(format_call(GENERIC, block.name, block.input))
-        elif isinstance(block, ToolResultBlock):
-            status = ' is_error="true"' if block.is_error else ""
-            parts.append(f'<tool_result id="{block.tool_use_id}"{status}>{block.content}</tool_result>')
-        elif isinstance(block, ThinkingBlock):
-            continue  # earlier reasoning is not shown to a template without a place for it
-    return "\n\n".join(parts)
-
-
-def _fold_system_turns(turns):
-    """Each system turn after the first joins the user turn just before it, or else the next one, so
-    it never crosses an assistant turn and the next request's rendering keeps this one as its prefix."""
-    folded, pending = [], []
-    for i, turn in enumerate(turns):
-        if turn["role"] == "system" and i > 0:
-            if folded and folded[-1]["role"] == "user" and not pending:
-                folded[-1] = {"role": "user", "content": folded[-1]["content"] + "\n\n" + turn["content"]}
-            else:
-                pending.append(turn["content"])
-        elif pending and turn["role"] == "user":
-            folded.append({"role": "user", "content": "\n\n".join(pending + [turn["content"]])})
-            pending = []
-        else:
-            folded.append(turn)
-    if pending:
-        folded.append({"role": "user", "content": "\n\n".join(pending)})
-    return folded
+    def __exit__(self, *exc):
+        self.close()

@@ -330,7 +330,6 @@ class CallParser:
         # call is dropped, so a marker is found without its own leading whitespace
         self._heads = {start: tuple(steps + (ARGS_OPEN,) for steps in f.heads) for f in (fmt, *fmt.variants)
                        for start in (*(lead + f.open_marker for lead in f.lead_ins), f.open_marker.lstrip(SPACE))}
-        self._longest_start = max(len(s) for s in self._heads)
         self._after = tuple(steps + (ARGS_OPEN,) if NAME in steps else steps for steps in fmt.after)
         self._mode = "text"  # text | steps | args | rest | done: which _read_ method reads next
         self._pending, self._floor, self._after_call = "", 0, False  # text mode
@@ -391,9 +390,7 @@ class CallParser:
 
     def _held_back(self):
         """How much of the pending text's end might begin a call, with the whitespace before it."""
-        tail = self._pending[self._floor:]
-        n = next((n for n in range(min(len(tail), self._longest_start - 1), 0, -1)
-                  if any(s.startswith(tail[-n:]) for s in self._heads)), 0)
+        n = marker_start_at_end(self._pending[self._floor:], self._heads)
         return len(self._pending) - len(self._pending[:len(self._pending) - n].rstrip(SPACE))
 
     def _release_text(self, events, n):
@@ -504,6 +501,17 @@ LOOSE_CHAR, STRICT_CHAR = 'char ::= [^"\\\\]', 'char ::= [^"\\\\\\x00-\\x1F]'
 _GBNF_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # A GBNF token: string literal, character class, repetition count, or rule name (group 1).
 _GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|\{[^}]*\}|([a-zA-Z0-9-]+)')
+
+
+def marker_start_at_end(text, markers):
+    """The length of the longest end of `text` that is the start (not the whole) of one of `markers`:
+    what a streaming reader must hold back until the next piece says whether a marker begins there.
+
+    >>> marker_start_at_end("say <tool_ca", ["<tool_call>"]), marker_start_at_end("a <b", ["<tool_call>"])
+    (8, 0)
+    """
+    return max((n for marker in markers for n in range(1, min(len(marker), len(text) + 1))
+                if text.endswith(marker[:n])), default=0)
 
 
 def call_grammar(fmt, tools, forced_name=None, any_arguments=False):

@@ -186,19 +186,20 @@ def measure_conversations(workdir):
 def depth_worker(model_path):
     """Evaluates DEPTH_PROMPT_TOKENS of the request's text in the engine's batches and prints the
     time each batch began (the engine asks `cancelled()` once before each batch)."""
+    from config import Config
     from engine import PROMPT_BATCH, Engine, Sampling
     from protocol import parse_messages_request
-    engine = Engine(model_path, n_ctx=CTX, n_threads=THREADS, cache_ram_mb=0)
+    engine = Engine(Config(model=model_path, ctx=CTX, threads=THREADS, cache_ram=0, cache_disk=0))
     body = claude_code_request("Depth.", "000")
     text = json.dumps(body["tools"]) + json.dumps(body["system"]) + json.dumps(body["messages"])
     # ~1.4 times the request: past DEPTH_PROMPT_TOKENS in either tokenizer, within the context
     request = parse_messages_request({"model": "m", "max_tokens": 1, "messages": [
         {"role": "user", "content": text + text[:len(text) * 2 // 5]}]})
-    prompt = engine.prepare(request)
+    prompt = engine._prepare(request)  # below the request level: the prompt is cut to a token count
     prompt = replace(prompt, tokens=prompt.tokens[:DEPTH_PROMPT_TOKENS])
     marks = []
-    ticket = engine.reserve()
-    for _ in engine.generate(ticket, prompt, Sampling(max_tokens=1), lambda: marks.append(time.perf_counter())):
+    for _ in engine._run(engine._turns.reserve(), prompt, Sampling(max_tokens=1),
+                         lambda: marks.append(time.perf_counter())):
         pass
     batches = len(range(0, len(prompt.tokens), PROMPT_BATCH))
     rates = {d: PROMPT_BATCH / (marks[d // PROMPT_BATCH + 1] - marks[d // PROMPT_BATCH]) for d in DEPTHS

@@ -7,15 +7,13 @@ import threading
 import pytest
 
 import compat_server
+from config import Config
 from engine import Engine
 
 
 def make_config(**overrides):
-    values = dict(model="", host="127.0.0.1", port=0, ctx=2048, threads=0, api_key="", model_name="",
-                  max_queue=16, cors="", cache_ram=256, yarn=True, cache_dir="",
-                  cache_disk=0)
-    values.update(overrides)
-    return compat_server.Config(**values)
+    """The tests' settings: any free port, a small context, no disk cache (never the user's folder)."""
+    return Config(**{"port": 0, "ctx": 2048, "cache_ram": 256, "cache_dir": "", "cache_disk": 0, **overrides})
 
 
 class Running:
@@ -38,7 +36,7 @@ class Running:
 
 @pytest.fixture(scope="session")
 def engine():
-    engine = Engine(n_ctx=2048, max_queue=16)
+    engine = Engine(make_config())
     yield engine
     engine.close()
 
@@ -61,23 +59,21 @@ class ScriptedEngine:
         self.events, self.delay, self.after = events, delay, after  # after(): work after the last event
         self._turns = Turns(max_queue)
 
-    def prepare(self, request):
-        from engine import Prompt
+    def submit(self, request, cancelled):
+        from engine import Job
         self.count_tokens(request)
-        return Prompt((1, 2, 3), request.stop_sequences, ())
+        ticket = self._turns.reserve()
+        return Job(ticket, 3, self._events(ticket, cancelled))
 
     def count_tokens(self, request):
         # rendered and encoded as the real engine does before its tokenizer, so that text no UTF-8
         # can hold fails here as it would there
-        from engine import ChatTemplate
+        from chat_template import ChatTemplate
         ChatTemplate(None, "", "").render(request).encode("utf-8")
         "".join(request.stop_sequences).encode("utf-8")
         return 3
 
-    def reserve(self):
-        return self._turns.reserve()
-
-    def generate(self, ticket, prompt, sampling, cancelled):
+    def _events(self, ticket, cancelled):
         import time
         from engine import ClientGone
         self._turns.acquire(ticket, cancelled)

@@ -4,7 +4,8 @@ import pytest
 
 import engine as engine_module
 import protocol
-from engine import ClientGone, StateCache
+from engine import ClientGone
+from prompt_cache import StateCache
 
 STORY = "Here is a story. " + " ".join(f"Sentence number {i} is about a cat named Tom." for i in range(60))
 
@@ -12,8 +13,8 @@ STORY = "Here is a story. " + " ".join(f"Sentence number {i} is about a cat name
 def run(engine, text, max_tokens=8, cancelled=lambda: False):
     request = protocol.parse_messages_request({"model": "m", "max_tokens": max_tokens, "temperature": 0,
                                                "messages": [{"role": "user", "content": text}]})
-    events = list(engine.generate(engine.reserve(), engine.prepare(request), engine_module.sampling_for(request),
-                                  cancelled))
+    with engine.submit(request, cancelled) as job:
+        events = list(job)
     return "".join(e.text for e in events[:-1]), events[-1]
 
 
@@ -27,9 +28,9 @@ def test_the_next_turn_reuses_the_previous_prompt_and_answers_as_a_fresh_evaluat
     run(engine, STORY)
     text, finish = run(engine, STORY + " What is the cat called?")
     assert finish.cache_read_input_tokens > 600
-    assert finish.input_tokens + finish.cache_read_input_tokens == len(
-        engine.prepare(protocol.parse_messages_request({"model": "m", "max_tokens": 1, "messages": [
-            {"role": "user", "content": STORY + " What is the cat called?"}]})).tokens)
+    assert finish.input_tokens + finish.cache_read_input_tokens == engine.count_tokens(
+        protocol.parse_messages_request({"model": "m", "max_tokens": 1, "messages": [
+            {"role": "user", "content": STORY + " What is the cat called?"}]}))
     assert text == expected
 
 
@@ -88,8 +89,8 @@ def test_a_new_conversation_with_the_same_tools_system_and_agent_list_evaluates_
                          {"role": "system", "content": "Agents: " + STORY[:1500]}]})
 
     def answer(request):
-        return list(engine.generate(engine.reserve(), engine.prepare(request), engine_module.sampling_for(request),
-                                    lambda: False))[-1]
+        with engine.submit(request, lambda: False) as job:
+            return list(job)[-1]
 
     answer(first_turn("a1f", "Summarize the project."))
     finish = answer(first_turn("7c2", "Which tests are slow?"))

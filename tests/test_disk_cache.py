@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import make_config
 from engine import Engine
 from prompt_cache import DiskStates
 from test_cache import STORY, run
@@ -17,7 +18,7 @@ LONG = STORY + " " + STORY  # well past DISK_MIN_EVALUATED tokens
 
 
 def restart(folder):
-    return Engine(n_ctx=4096, cache_dir=str(folder), cache_disk_mb=512)
+    return Engine(make_config(ctx=4096, cache_dir=str(folder), cache_disk=512))
 
 
 def kv_files(folder):

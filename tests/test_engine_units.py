@@ -8,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import protocol
-from engine import ChatTemplate, ClientGone, StopMatcher, Turns
+from chat_template import ChatTemplate
+from engine import ClientGone, Turns
+from reply_reader import StopMatcher
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -152,8 +154,9 @@ def test_tool_calls_and_results_in_the_history_are_rendered_as_text():
 
 def test_templates_are_sandboxed():
     evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
-    with pytest.raises(Exception):
+    with pytest.raises(protocol.ApiError) as refused:
         ChatTemplate(evil, "", "").render(request(messages=[{"role": "user", "content": "x"}]))
+    assert refused.value.status == 400 and "__class__" in refused.value.message and "unsafe" in refused.value.message
 
 
 # --- admission --------------------------------------------------------------------------------------

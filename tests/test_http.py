@@ -9,7 +9,7 @@ import pytest
 
 import compat_server
 from conftest import Running, ScriptedEngine
-from engine import ChatTemplate
+from chat_template import ChatTemplate
 from protocol import Finish, TextDelta
 
 BODY = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
@@ -144,8 +144,10 @@ def test_invalid_utf8_and_unknown_paths_and_wrong_methods(scripted):
 
 
 def test_head_and_get_on_the_root_answer_200(scripted):
-    status, headers, _ = exchange(scripted, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert status == 200 and headers["request-id"].startswith("req_")
+    status, headers, body = exchange(scripted, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and headers["request-id"].startswith("req_") and body == b""
+    status, headers, body = exchange(scripted, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and headers["request-id"].startswith("req_") and json.loads(body) == {"status": "ok"}
 
 
 def test_an_engine_failure_is_a_500_without_internals():

@@ -7,7 +7,7 @@ import json
 import anthropic
 import pytest
 
-from conftest import Running
+from conftest import Running, make_config
 from engine import Engine
 from model_fixtures import tool_model_path
 from test_tools import ASK, WEATHER, assert_weather_call
@@ -15,7 +15,7 @@ from test_tools import ASK, WEATHER, assert_weather_call
 
 @pytest.fixture(scope="module")
 def tool_engine(model_cache):
-    return Engine(tool_model_path(model_cache), n_ctx=2048)
+    return Engine(make_config(model=tool_model_path(model_cache)))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import protocol
-from engine import CONTROL_TOKEN, HARMONY_CHANNELS, THINK_TAGS, ChatTemplate, ReasoningSplitter, plan_reply
+from chat_template import ChatTemplate
+from engine import plan_reply
+from reply_reader import CONTROL_TOKEN, HARMONY_CHANNELS, THINK_TAGS, ReasoningSplitter
 from protocol import ToolInputDelta, ToolUseStart
 from tool_calls import HARMONY, CallParser
 

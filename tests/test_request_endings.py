@@ -11,7 +11,7 @@ import time
 import pytest
 
 import compat_server
-from conftest import Running, ScriptedEngine
+from conftest import Running, ScriptedEngine, make_config
 from engine import ClientGone, Engine, Turns
 from protocol import ApiError, Finish, TextDelta
 from test_cache import run
@@ -196,10 +196,10 @@ def test_a_forced_call_whose_grammar_llama_cpp_refuses_still_comes_back_as_a_cal
     from protocol import ToolUseStart, parse_messages_request
     request = parse_messages_request({**BODY, "max_tokens": 60, "temperature": 0, "tools": [TOOL],
                                       "tool_choice": {"type": "tool", "name": "get_weather"}})
-    prompt = engine.prepare(request)
+    # below the request level: no request makes a grammar llama.cpp refuses, so one is put in its plan
+    prompt = engine._prepare(request)
     prompt = replace(prompt, reply=replace(prompt.reply, grammar="root ::= ( unbalanced"))
-    with engine.reserve() as ticket:
-        events = list(engine.generate(ticket, prompt, sampling_for(request), lambda: False))
+    events = list(engine._run(engine._turns.reserve(), prompt, sampling_for(request), lambda: False))
     assert [e.name for e in events if isinstance(e, ToolUseStart)] == ["get_weather"]
     assert events[-1].stop_reason == "tool_use"
     assert "trying a looser one" in caplog.text
@@ -210,17 +210,17 @@ def test_a_forced_call_whose_grammar_llama_cpp_refuses_still_comes_back_as_a_cal
 EXIT_MID_EVALUATION = """
 import atexit, sys, threading, time
 import engine as engine_module, protocol
+from conftest import make_config
 def evaluate_prompts():
     for i in range(100):  # each a new prompt: the thread spends its time inside llama_decode
         request = protocol.parse_messages_request({"model": "m", "max_tokens": 1, "messages": [
             {"role": "user", "content": f"{i} " + "Tell me about cats and dogs. " * 60}]})
-        for _ in engine.generate(engine.reserve(), engine.prepare(request), engine_module.sampling_for(request),
-                                 lambda: False):
+        for _ in engine.submit(request, lambda: False):
             pass
 worker = threading.Thread(target=evaluate_prompts, daemon=True)
 # registered before the engine exists, so it runs after the engine's own exit handler
 atexit.register(lambda: (worker.join(10), print("inside llama.cpp at exit:", worker.is_alive())))
-engine = engine_module.Engine(n_ctx=2048)
+engine = engine_module.Engine(make_config())
 worker.start()
 time.sleep(0.5)
 sys.exit(0)
@@ -232,13 +232,13 @@ def test_a_process_that_exits_while_the_model_works_stops_it_first():
     "terminate called without an active exception" as CI saw): the engine cancels it at exit."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", EXIT_MID_EVALUATION], cwd=root, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, "PYTHONPATH": os.path.join(root, "tests")})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "inside llama.cpp at exit: False" in done.stdout
 
 
 def test_close_cancels_the_request_in_flight_then_refuses_new_ones():
-    engine = Engine(n_ctx=1024)
+    engine = Engine(make_config(ctx=1024))
     tokens_seen = threading.Event()
     outcome = []
 

@@ -9,6 +9,7 @@ import llama_cpp
 import numpy
 import pytest
 
+from conftest import make_config
 from engine import Engine, Prompt, Sampling
 from model_fixtures import gemma3_path
 
@@ -24,14 +25,14 @@ TURN = " In summary, the notes"
 @pytest.fixture(scope="module", params=["default", "gemma3"])
 def model(request, model_cache):
     if request.param == "default":
-        return Engine(n_ctx=4096)
-    return Engine(gemma3_path(model_cache), n_ctx=4096)
+        return Engine(make_config(ctx=4096))
+    return Engine(make_config(model=gemma3_path(model_cache), ctx=4096))
 
 
 def greedy(engine, tokens):
-    ticket = engine.reserve()
-    events = list(engine.generate(ticket, Prompt(tuple(tokens), (), ()), Sampling(max_tokens=12, temperature=0),
-                                  lambda: False))
+    # token by token, below the request level: the engine's own run of a prompt given as tokens
+    events = list(engine._run(engine._turns.reserve(), Prompt(tuple(tokens), (), ()),
+                              Sampling(max_tokens=12, temperature=0), lambda: False))
     return "".join(e.text for e in events[:-1]), events[-1]
 
 
@@ -52,7 +53,7 @@ def forced_logits(engine, prompt, answer=None, steps=24):
     def last():
         return numpy.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(engine._ctx, -1), shape=(n_vocab,)).copy()
 
-    with engine.reserve() as ticket:
+    with engine._turns.reserve() as ticket:
         engine._turns.acquire(ticket, lambda: False)
         reused = engine._evaluate(tuple(prompt), lambda: False)
         rows, fed = [last()], []

@@ -5,7 +5,7 @@ import asyncio
 import anthropic
 import pytest
 
-from conftest import Running
+from conftest import Running, make_config
 from engine import Engine
 
 HELLO = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -150,7 +150,7 @@ def test_an_api_key_is_required_once_set_and_either_header_may_carry_it(engine):
 
 
 def test_generation_stops_when_the_context_is_full():
-    small = Engine(n_ctx=64)
+    small = Engine(make_config(ctx=64))
     running = Running(small)
     try:
         client = anthropic.Anthropic(base_url=running.url, api_key="x", max_retries=0)
