@@ -204,7 +204,7 @@ ROUTES = {
     ("GET", "/"): "_health",
     ("HEAD", "/"): "_health",
     ("GET", "/v1/models"): "_list_models",
-    ("GET", "/v1/models/{model_id}"): "_get_model",
+    ("GET", "/v1/models/{model_id}"): "_retrieve_model",
     ("POST", "/v1/messages"): "_create_message",
     ("POST", "/v1/messages/count_tokens"): "_count_tokens",
 }
@@ -267,12 +267,13 @@ class Handler(BaseHTTPRequestHandler):
             self._route()
         except ApiError as exc:
             self._send_api_error(exc)
-        except (ClientGone, ConnectionError):
+        except (ClientGone, ConnectionError) as exc:
             self.close_connection = True
             if self.server.cancel_all.is_set():
                 self._answer_shutdown()
             else:
-                log.info("%s: client disconnected", self.request_id)
+                log.info("%s: client disconnected%s", self.request_id,
+                         "; request cancelled" if isinstance(exc, ClientGone) else "")
         except Exception:
             log.exception("%s: unexpected error", self.request_id)
             self._send_api_error(ApiError(500, "api_error", "Internal server error",
@@ -342,7 +343,7 @@ class Handler(BaseHTTPRequestHandler):
     def _list_models(self, query, model_id):
         self._send_json(200, list_models(self.server.engine, query))
 
-    def _get_model(self, query, model_id):
+    def _retrieve_model(self, query, model_id):
         if model_id != self.server.engine.model_name:
             raise ApiError(404, "not_found_error", f"model: {model_id}")
         self._send_json(200, model_info(self.server.engine))
@@ -389,20 +390,25 @@ class Handler(BaseHTTPRequestHandler):
                 sse.feed(event)
                 if isinstance(event, Finish):
                     sse.close()  # the stream ends here; keeping the prompt state comes after
-        except Exception as exc:
+        except ClientGone:
             self.close_connection = True
-            if isinstance(exc, ClientGone) and self.server.cancel_all.is_set():
+            if self.server.cancel_all.is_set():
                 log.info("%s: stream cancelled: the server is shutting down", self.request_id)
                 sse.fail("overloaded_error", "The server is shutting down; retry shortly")
-            elif not isinstance(exc, ClientGone):
-                log.exception("%s: failed mid-stream", self.request_id)
-                sse.fail()
+            else:
+                log.info("%s: client disconnected mid-stream; request cancelled", self.request_id)
+        except Exception:
+            self.close_connection = True
+            log.exception("%s: failed mid-stream", self.request_id)
+            sse.fail()
+        else:
+            if sse.broken:  # it left after the answer was complete, while the state was being kept
+                log.info("%s: client disconnected mid-stream", self.request_id)
         finally:
             job.close()
             sse.close()
             if sse.broken:
                 self.close_connection = True
-                log.info("%s: client disconnected mid-stream", self.request_id)
 
     # --- bodies and responses ---------------------------------------------------------------------
 

@@ -486,9 +486,9 @@ class Engine:
         disk_tokens, on_disk = self._disk.longest_prefix(target) if self._disk else (None, 0)
         # taken before the live state is saved, which may evict it
         if on_disk > max(live, saved) + CACHE_MIN_TOKENS:
-            restore, data = disk_tokens, self._disk.load(disk_tokens)
+            restore, data = disk_tokens, self._disk.get(disk_tokens)
         elif saved > live + CACHE_MIN_TOKENS:
-            restore, data = saved_tokens, self._states.take(saved_tokens)
+            restore, data = saved_tokens, self._states.get(saved_tokens)
         else:
             restore, data = None, None
         self._save_live(keep=live)
@@ -505,7 +505,7 @@ class Engine:
         data = self._copy_state()
         if data is not None:
             tokens = tuple(self._kv_tokens)
-            self._disk.save(tokens, data)
+            self._disk.put(tokens, data)
             if len(data) <= self._states.budget:
                 self._states.put(tokens, data)
 

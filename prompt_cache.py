@@ -2,10 +2,11 @@
 
 Contract: stores opaque state bytes (what llama.cpp's `llama_state_seq_get_data` copies out) under
 the exact token sequence they hold, finds the stored sequence sharing the longest prefix with a new
-prompt, and forgets the least recently used past a byte budget. `DiskStates` keeps them across
-restarts: files written atomically by a background thread, each checked on load (format, model
-identity, token count, digest); a bad file is removed with a warning, and a folder that cannot be
-written turns the disk tier off with a warning. It never calls llama.cpp and never raises on what
+prompt, and forgets the least recently used past a byte budget. Both tiers (`StateCache` in RAM,
+`DiskStates` on disk) speak one vocabulary: `longest_prefix`, `get`, `put`. `DiskStates` keeps
+states across restarts: files written atomically by a background thread, each checked when read
+(format, model identity, token count, digest); a bad file is removed with a warning, and a folder
+that cannot be written turns the disk tier off with a warning. It never calls llama.cpp and never raises on what
 it finds on disk.
 """
 
@@ -77,7 +78,7 @@ class StateCache:
     def longest_prefix(self, tokens):
         return longest_prefix(self._entries, tokens)
 
-    def take(self, tokens):
+    def get(self, tokens):
         self._entries.move_to_end(tokens)
         return self._entries[tokens]
 
@@ -133,7 +134,7 @@ class DiskStates:
             saved_tokens = list(self._index)
         return longest_prefix(saved_tokens, tokens)
 
-    def load(self, tokens):
+    def get(self, tokens):
         """The state stored for `tokens`, or None (a bad file is removed)."""
         with self._lock:
             path = self._index.get(tokens)
@@ -150,7 +151,7 @@ class DiskStates:
             self._discard(path, str(exc))
             return None
 
-    def save(self, tokens, data):
+    def put(self, tokens, data):
         """Write in the background; a state still waiting to be written is replaced."""
         with self._lock:
             known = tokens in self._index
@@ -169,7 +170,7 @@ class DiskStates:
 
     def _write_loop(self):
         """Never ends while the process runs: a failed write turns the disk tier off, and later saves
-        are dropped by `save`, so `flush` always has a reader to wait on."""
+        are dropped by `put`, so `flush` always has a reader to wait on."""
         while True:
             tokens, data = self._writes.get()
             try:

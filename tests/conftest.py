@@ -3,6 +3,7 @@
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -58,6 +59,11 @@ class ScriptedEngine:
         from engine import Turns
         self.events, self.delay, self.after = events, delay, after  # after(): work after the last event
         self._turns = Turns(max_queue)
+        self.holding = threading.Event()  # a job holds the model now
+
+    @property
+    def waiting(self):
+        return self._turns.waiting
 
     def submit(self, request, cancelled):
         from engine import Job
@@ -74,9 +80,9 @@ class ScriptedEngine:
         return 3
 
     def _events(self, ticket, cancelled):
-        import time
         from engine import ClientGone
         self._turns.acquire(ticket, cancelled)
+        self.holding.set()
         try:
             for event in self.events:
                 time.sleep(self.delay)
@@ -88,7 +94,17 @@ class ScriptedEngine:
             if self.after:
                 self.after()
         finally:
+            self.holding.clear()
             ticket.close()
+
+
+def wait_until(condition, timeout=60):
+    """Poll until `condition()` holds: ordering by events, not by sleeping a guessed time. The
+    timeout only keeps a broken server from hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the awaited state never came"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,7 @@ def test_saved_states_are_evicted_least_recently_used_first_within_the_budget():
     cache = StateCache(budget=10)
     cache.put((1, 2), bytearray(4))
     cache.put((3, 4), bytearray(4))
-    cache.take((1, 2))
+    cache.get((1, 2))
     cache.put((5, 6), bytearray(4))
     assert cache.longest_prefix((3, 4))[1] == 0 and cache.longest_prefix((1, 2, 9)) == ((1, 2), 2)
 

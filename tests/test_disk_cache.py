@@ -71,7 +71,7 @@ def test_an_unwritable_folder_means_a_warning_and_no_disk_cache(tmp_path, caplog
 def test_files_beyond_the_budget_go_least_recently_used_first(tmp_path):
     states = DiskStates(str(tmp_path), 3000, b"m" * 32)
     for i in range(3):
-        states.save((i, i, i), bytearray(1000))
+        states.put((i, i, i), bytearray(1000))
         states.flush()
     assert 1 <= len(kv_files(tmp_path)) <= 2
     assert states.longest_prefix((2, 2, 2))[1] == 3  # the newest survives
@@ -79,7 +79,7 @@ def test_files_beyond_the_budget_go_least_recently_used_first(tmp_path):
 
 def test_another_models_files_are_left_alone(tmp_path):
     mine = DiskStates(str(tmp_path), 10**6, b"a" * 32)
-    mine.save((1, 2, 3), bytearray(10))
+    mine.put((1, 2, 3), bytearray(10))
     mine.flush()
     other = DiskStates(str(tmp_path), 10**6, b"b" * 32)
     assert other.longest_prefix((1, 2, 3)) == (None, 0) and len(kv_files(tmp_path)) == 1
@@ -91,7 +91,7 @@ def test_a_state_replaced_while_waiting_does_not_hold_up_flush(tmp_path, monkeyp
     write = states._write
     monkeypatch.setattr(states, "_write", lambda tokens, data: (time.sleep(0.3), write(tokens, data)))
     for i in range(3):
-        states.save((i,), bytearray(10))
+        states.put((i,), bytearray(10))
     flushed = threading.Thread(target=states.flush, daemon=True)
     flushed.start()
     flushed.join(5)
@@ -102,7 +102,7 @@ def test_a_state_replaced_while_waiting_does_not_hold_up_flush(tmp_path, monkeyp
 def test_the_writer_waits_while_a_request_holds_the_model(tmp_path):
     idle = threading.Event()  # a request holds the model
     states = DiskStates(str(tmp_path), 10**8, b"a" * 32, idle=idle)
-    states.save((1, 2, 3), bytearray(10**7))
+    states.put((1, 2, 3), bytearray(10**7))
     flushed = threading.Thread(target=states.flush, daemon=True)
     flushed.start()
     flushed.join(timeout=0.5)

@@ -13,6 +13,8 @@ refresh the figures: `.venv/bin/python tests/test_golden.py` prints them from th
 import anthropic
 import pytest
 
+from sse_grammar import sdk_client
+
 # temperature rides in extra_body: this SDK's create() no longer takes it as a keyword
 REQUEST = {"model": "m", "max_tokens": 6, "extra_body": {"temperature": 0},
            "messages": [{"role": "user", "content": "Name the three primary colors."}]}
@@ -22,7 +24,7 @@ INPUT_TOKENS = 36
 
 @pytest.fixture(scope="module")
 def client(served):
-    return anthropic.Anthropic(base_url=served.url, api_key="unused", max_retries=0)
+    return sdk_client(served.url)
 
 
 def test_the_default_model_gives_its_golden_answer(client):

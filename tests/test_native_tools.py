@@ -4,12 +4,12 @@ the real Hermes parser."""
 
 import json
 
-import anthropic
 import pytest
 
 from conftest import Running, make_config
 from engine import Engine
 from model_fixtures import tool_model_path
+from sse_grammar import sdk_client
 from test_tools import ASK, WEATHER, assert_weather_call
 
 
@@ -21,7 +21,7 @@ def tool_engine(model_cache):
 @pytest.fixture(scope="module")
 def client(tool_engine):
     running = Running(tool_engine)
-    yield anthropic.Anthropic(base_url=running.url, api_key="x", max_retries=0)
+    yield sdk_client(running.url)
     running.stop()
 
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import protocol
 from protocol import ApiError, Finish, MessageAssembler, TextDelta, parse_messages_request
+from sse_grammar import check_grammar
 
 
 def base(**extra):
@@ -207,23 +208,6 @@ def test_structured_output_schema_is_read_from_output_config():
 
 
 # --- the content-block grammar ------------------------------------------------------------------------
-
-def check_grammar(events):
-    """The SSE event order the SDKs rely on: start, blocks opened and closed in order, delta, stop."""
-    names = [e["type"] for e in events if e["type"] != "ping"]
-    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
-    open_index, next_index = None, 0
-    for e in events[1:-2]:
-        if e["type"] == "content_block_start":
-            assert open_index is None and e["index"] == next_index
-            open_index = e["index"]
-        elif e["type"] == "content_block_delta":
-            assert e["index"] == open_index
-        elif e["type"] == "content_block_stop":
-            assert e["index"] == open_index
-            open_index, next_index = None, next_index + 1
-    assert open_index is None
-
 
 def assemble(texts, finish=Finish("end_turn", None, 5, 0, 3)):
     assembler = MessageAssembler("msg_x", "m", 5)

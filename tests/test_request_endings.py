@@ -15,7 +15,8 @@ from conftest import Running, ScriptedEngine, make_config
 from engine import ClientGone, Engine, Turns
 from protocol import ApiError, Finish, TextDelta
 from test_cache import run
-from test_http import BODY, Reader, assert_error, post, sse_events
+from sse_grammar import sse_events
+from test_http import BODY, Reader, assert_error, post
 
 FINISH = Finish("end_turn", None, 3, 0, 1)
 
@@ -179,10 +180,10 @@ def test_a_lone_surrogate_anywhere_is_a_400_that_says_where(served, path, body):
 def test_a_failing_disk_writer_turns_the_disk_tier_off_and_flush_never_hangs(tmp_path, caplog):
     from prompt_cache import DiskStates
     disk = DiskStates(str(tmp_path), 1 << 20, b"model")
-    disk.save((2 ** 40,), bytearray(16))  # no int32 token id: the writer fails with struct.error
+    disk.put((2 ** 40,), bytearray(16))  # no int32 token id: the writer fails with struct.error
     disk.flush()
     assert not disk.enabled and "prompt state writer failed" in caplog.text
-    disk.save((1, 2, 3), bytearray(16))  # dropped: the tier is off
+    disk.put((1, 2, 3), bytearray(16))  # dropped: the tier is off
     flushed = threading.Thread(target=disk.flush, daemon=True)
     flushed.start()
     flushed.join(timeout=5)

@@ -19,9 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compat_server
-from conftest import Running, ScriptedEngine
+from conftest import Running, ScriptedEngine, wait_until
+from engine import PROMPT_BATCH
 from protocol import Finish, TextDelta
-from test_http import BODY, Reader, exchange, post, sse_events
+from sse_grammar import sse_events
+from test_http import BODY, Reader, exchange, post
 
 SOAK = os.environ.get("LLAMA_COMPAT_SOAK") == "1"
 FUZZ_CASES = 10000 if SOAK else 300
@@ -137,34 +139,36 @@ def test_a_client_that_leaves_while_queued_gives_up_its_place():
     try:
         holder = threading.Thread(target=exchange, args=(running, post("/v1/messages", BODY)))
         holder.start()
-        time.sleep(0.2)
+        slow.holding.wait(60)
         sock = running.raw()
         sock.sendall(post("/v1/messages", {**BODY, "stream": True}))
         Reader(sock).file.readline()  # its message_start: it is queued
-        assert slow._turns.waiting == 1
+        assert slow.waiting == 1
         sock.close()
-        deadline = time.monotonic() + 1.5
-        while slow._turns.waiting and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert slow._turns.waiting == 0
+        wait_until(lambda: slow.waiting == 0)  # while the holder still holds the model
+        assert holder.is_alive()
         holder.join()
     finally:
         running.stop()
 
 
 def test_a_client_that_leaves_during_prompt_evaluation_frees_the_model_within_a_batch(served, engine):
-    long_prompt = " ".join(f"Line {i} of a long document about rivers." for i in range(180))
+    long_prompt = " ".join(f"Line {i} of a long document about rivers." for i in range(150))  # 4 batches
     sock = served.raw()
     sock.sendall(post("/v1/messages", {"model": "m", "max_tokens": 5, "stream": True,
                                        "messages": [{"role": "user", "content": long_prompt}]}))
     reader = Reader(sock)
-    reader.file.readline()  # the status line: the prompt is now being evaluated
+    assert reader.file.readline().startswith(b"HTTP/1.1 200")  # the prompt fits and is being evaluated
     reader.file.close()
     sock.close()
-    started = time.monotonic()
     status, _, _ = exchange(served, post("/v1/messages", {**BODY, "max_tokens": 2}))
     assert status == 200
-    assert time.monotonic() - started < 6  # at most one 512-token batch, not the whole prompt
+    # had it gone on to the end, the whole prompt's state would have been kept (the next request's
+    # cut saves it) and a retry would reuse all of it; it stopped at a batch boundary instead
+    request = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": long_prompt}]}
+    status, _, reply = exchange(served, post("/v1/messages", request))
+    usage = json.loads(reply)["usage"]
+    assert usage["cache_read_input_tokens"] < usage["input_tokens"] + usage["cache_read_input_tokens"] - PROMPT_BATCH
 
 
 def test_a_slow_client_is_dropped_and_others_are_served_meanwhile(monkeypatch, scripted):
@@ -173,10 +177,8 @@ def test_a_slow_client_is_dropped_and_others_are_served_meanwhile(monkeypatch, s
     slow.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n{")
     status, _, _ = exchange(scripted, post("/v1/messages", BODY))
     assert status == 200
-    slow.settimeout(5)
-    started = time.monotonic()
+    slow.settimeout(60)
     assert slow.recv(1024) == b""  # closed by the server, without an answer to a request never sent
-    assert time.monotonic() - started < 3
     slow.close()
 
 
@@ -184,8 +186,8 @@ def test_past_the_connection_cap_a_connection_gets_529(monkeypatch):
     monkeypatch.setattr(compat_server, "MAX_CONNECTIONS", 2)
     running = Running(ScriptedEngine([Finish("end_turn", None, 3, 0, 0)]))
     try:
+        # the accept loop takes connections in the order they came: these two hold the slots first
         idle = [running.raw() for _ in range(2)]
-        time.sleep(0.2)
         status, _, _ = exchange(running, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 529
         for sock in idle:
@@ -236,7 +238,7 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0_with_its_prompt_st
         reader = Reader(sock)
         reader.file.readline()
         proc.send_signal(signal.SIGTERM)
-        status, _, body = 200, None, b""
+        body = b""
         while not body.endswith(b"\r\n\r\n") or b"message_stop" not in body:
             line = reader.file.readline()
             if not line:

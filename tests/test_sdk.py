@@ -7,6 +7,7 @@ import pytest
 
 from conftest import Running, make_config
 from engine import Engine
+from sse_grammar import sdk_client
 
 HELLO = [{"role": "user", "content": "Write one sentence about the sea."}]
 # The newest SDKs no longer list `temperature` among create()'s arguments, but the API (and older
@@ -16,7 +17,7 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def client(served):
-    return anthropic.Anthropic(base_url=served.url, api_key="unused", max_retries=0)
+    return sdk_client(served.url)
 
 
 def greedy(client, **kwargs):
@@ -125,7 +126,7 @@ def test_bad_requests_raise_bad_request_error_naming_the_field(client):
 
 def test_the_async_client_creates_and_streams(served):
     async def run():
-        client = anthropic.AsyncAnthropic(base_url=served.url, api_key="unused", max_retries=0)
+        client = sdk_client(served.url, asynchronous=True)
         message = await client.messages.create(model="m", max_tokens=8, extra_body=GREEDY, messages=HELLO)
         async with client.messages.stream(model="m", max_tokens=8, extra_body=GREEDY, messages=HELLO) as stream:
             final = await stream.get_final_message()
@@ -153,7 +154,7 @@ def test_generation_stops_when_the_context_is_full():
     small = Engine(make_config(ctx=64))
     running = Running(small)
     try:
-        client = anthropic.Anthropic(base_url=running.url, api_key="x", max_retries=0)
+        client = sdk_client(running.url)
         # greedy, this question sends the default model into a list that does not end by itself
         # (as Claude Code does: 32000 tokens asked for, streamed; the SDK refuses that unstreamed)
         with client.messages.stream(model="m", max_tokens=32000, extra_body=GREEDY,

@@ -2,17 +2,19 @@
 leaks into text. End to end through a test model: the default model's weights with a reasoning
 template of our own in the DeepSeek-R1 style (its generation prompt opens the reasoning section)."""
 
-import anthropic
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import compat_server
 from conftest import Running, ScriptedEngine, make_config
-from engine import Engine
-from reply_reader import THINK_TAGS, ReasoningSplitter
+from engine import Engine, sampling_for
 from model_fixtures import _default_model_with
-from protocol import Finish, TextDelta, ThinkingDelta
+from protocol import Finish, TextDelta, ThinkingDelta, parse_messages_request
+from reply_reader import THINK_TAGS, ReasoningSplitter
+from sse_grammar import sdk_client
 
 R1_STYLE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
@@ -25,10 +27,16 @@ ASK = [{"role": "user", "content": "Is 17 a prime number?"}]
 
 
 @pytest.fixture(scope="module")
-def client(model_cache):
+def r1_engine(model_cache):
     engine = Engine(make_config(model=_default_model_with(model_cache, "r1", R1_STYLE), ctx=4096))
-    running = Running(engine)
-    yield anthropic.Anthropic(base_url=running.url, api_key="x", max_retries=0)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(r1_engine):
+    running = Running(r1_engine)
+    yield sdk_client(running.url)
     running.stop()
 
 
@@ -53,7 +61,7 @@ def test_reasoning_and_answer_are_separated_and_tags_never_reach_either():
         "thinking": "Let me see.\n", "text": "Yes."}
 
 
-def test_thinking_streams_as_a_thinking_block_closed_by_the_budget_then_the_answer(client):
+def test_thinking_streams_as_a_signed_thinking_block_without_its_tags(client):
     with client.messages.stream(model="m", max_tokens=1100, messages=ASK,
                                 thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
         events = list(stream)
@@ -62,9 +70,27 @@ def test_thinking_streams_as_a_thinking_block_closed_by_the_budget_then_the_answ
     assert kinds[0] == "thinking" and message.content[0].thinking and message.content[0].signature
     assert any(e.type == "content_block_delta" and e.delta.type == "signature_delta" for e in events)
     assert "<think>" not in str(message.content) and "</think>" not in str(message.content)
-    # the budget closed the reasoning (this model never closes it by itself: it was not trained to
-    # reason), and an answer followed within the 76 tokens left
-    assert message.usage.output_tokens > 1024 and kinds == ["thinking", "text"] and message.content[1].text
+
+
+def test_the_thinking_budget_closes_the_reasoning_and_the_answer_follows(r1_engine):
+    """Below the request level, where a budget may be smaller than the API's least (1024 tokens):
+    greedily this model reasons for ~55 tokens and then ends its turn without an answer, so only the
+    budget can be what closes its reasoning here. Each run evaluates afresh, so both are the same
+    greedy path up to the budget."""
+    request = parse_messages_request({"model": "m", "max_tokens": 1100, "temperature": 0, "messages": ASK,
+                                      "thinking": {"type": "enabled", "budget_tokens": 1024}})
+
+    def reply(budget):
+        r1_engine._forget()
+        prompt = replace(r1_engine._prepare(request), thinking_budget=budget)
+        events = list(r1_engine._run(r1_engine._turns.reserve(), prompt, sampling_for(request), lambda: False))
+        return ("".join(e.thinking for e in events if isinstance(e, ThinkingDelta)),
+                "".join(e.text for e in events if isinstance(e, TextDelta)))
+
+    unbounded, _ = reply(None)
+    thinking, text = reply(16)
+    thinking = thinking.rstrip()  # the budget's close begins with a newline
+    assert unbounded.startswith(thinking) and len(thinking) < len(unbounded) and text.strip()
 
 
 def test_without_thinking_the_template_switch_is_off_and_no_reasoning_is_returned(client):
@@ -87,7 +113,7 @@ def test_a_long_prompt_evaluation_is_kept_alive_with_empty_deltas(monkeypatch):
     slow = ScriptedEngine([ThinkingDelta("hmm"), TextDelta("Yes"), Finish("end_turn", None, 3, 0, 2)], delay=1.0)
     running = Running(slow)
     try:
-        client = anthropic.Anthropic(base_url=running.url, api_key="x", max_retries=0)
+        client = sdk_client(running.url)
         with client.messages.stream(model="m", max_tokens=10, messages=ASK, thinking={"type": "adaptive"}) as s:
             events = list(s)
             message = s.get_final_message()

@@ -2,8 +2,9 @@
 
 import json
 
-import anthropic
 import pytest
+
+from sse_grammar import sdk_client
 
 # maxLength: sampled at temperature 1, a 135M model can ramble inside a string argument until max_tokens
 # (seen in CI: a forced call still open after 400 tokens); the grammar enforces the bound, so the call ends
@@ -21,7 +22,7 @@ ASK = [{"role": "user", "content": "What is the weather like in San Francisco?"}
 
 @pytest.fixture(scope="module")
 def client(served):
-    return anthropic.Anthropic(base_url=served.url, api_key="unused", max_retries=0)
+    return sdk_client(served.url)
 
 
 def assert_weather_call(block):
