@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 run: $(STAMP)
 	$(BIN)/python compat_server.py $(ARGS)
 
-test: $(STAMP)
+# the sdist also carries llama.cpp's collection of real chat templates, which the tests render
+test: $(STAMP) $(SDIST)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # the load, fault and fuzz tests, many times longer than in `make test`
@@ -41,6 +42,7 @@ BUILD_KEY := $(shell (echo $(LLAMA_CPP_VERSION) "$(LLAMA_CMAKE_ARGS)" "$$CC $$CX
 	$${CC:-cc} --version | head -n1) 2>/dev/null | $(PY) -c 'import hashlib,sys;print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')
 WHEELS := $(HOME)/.cache/llama-compat/wheels/$(BUILD_KEY)
 SDISTS := $(HOME)/.cache/llama-compat/sdist
+SDIST := $(SDISTS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-built
 
 # The venv is rebuilt when the dependencies or the build key change (a new key is a new stamp name).
@@ -58,13 +60,14 @@ $(VENV)/.key-$(BUILD_KEY):
 
 # About 5 minutes on 2 cores, once per build key, with the venv's pip. --no-cache-dir: never a wheel
 # from pip's cache.
-$(LLAMA_WHEEL):
+$(LLAMA_WHEEL): | $(SDIST)
 	$(PY) -m venv $(VENV)
-	test -f $(SDISTS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz || $(BIN)/pip download --quiet --no-deps \
-		--no-binary llama-cpp-python -d $(SDISTS) llama-cpp-python==$(LLAMA_CPP_VERSION)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --no-deps --no-cache-dir -w $(WHEELS) \
-		$(SDISTS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --no-deps --no-cache-dir -w $(WHEELS) $(SDIST)
 	touch $@
+
+$(SDIST):
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip download --quiet --no-deps --no-binary llama-cpp-python -d $(SDISTS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 clean:
 	rm -rf $(VENV)

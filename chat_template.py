@@ -5,15 +5,24 @@ labelled turns) and renders a validated `protocol.MessagesRequest` to the exact 
 reads: system prompt, history, tools, earlier calls and results in the template's own convention
 (or our generic one where the template has none), the start of the assistant's turn and any
 prefill. The same request always renders to the same text, so a conversation's next turn extends
-its last one. Templates run sandboxed; what a template refuses to render is an `ApiError(400)`.
-It never tokenizes, loads a model or touches I/O; `detect_reasoning` and `tool_calls.detect_format`
-read from the template source how the model writes reasoning and calls.
+its last one. Templates are third-party code: they run sandboxed (no attribute outside the data we
+pass), get the Jinja extensions and conventions real templates are written against (Hugging Face's
+`apply_chat_template`), and where one refuses a conversation the conversation is fitted to its
+rules (system text folded into a user turn, roles made to alternate, call arguments as strings)
+before it is refused with an `ApiError(400)`. A template that does not compile is logged and
+replaced by plain labelled turns: the server always starts. It never tokenizes, loads a model or
+touches I/O; `detect_reasoning` and `tool_calls.detect_format` read from the template source how
+the model writes reasoning and calls.
 """
 
 import datetime
+import hashlib
 import json
+import logging
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
 import jinja2.sandbox
 
 from protocol import ApiError, TextBlock, ThinkingBlock, ToolResultBlock, ToolUseBlock, join_turns
@@ -30,6 +39,8 @@ FALLBACK_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}")
 FALLBACK_END_STRINGS = ("\nUser:",)
 
+log = logging.getLogger("llama-compat")
+
 GENERIC_TOOL_PREAMBLE = (
     "You can call these tools. To call one, reply with a line of the form\n"
     "<tool_call>{\"name\": \"TOOL_NAME\", \"input\": {...}}</tool_call>\n"
@@ -40,9 +51,33 @@ def _raise_exception(message):
     raise jinja2.TemplateError(message)
 
 
-def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
+def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False, separators=None):
     # Hugging Face templates expect this signature and no HTML escaping (jinja2's own escapes '<').
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
+                      separators=separators, default=_json_default)
+
+
+def _json_default(value):
+    """What templates hand `tojson` besides plain data: an undefined value, a generator or map
+    (`messages | map(...)`)."""
+    if isinstance(value, jinja2.Undefined):
+        return None
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{type(value).__name__} is not JSON serializable") from None
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}…{% endgeneration %}` marks the assistant's part for training masks
+    (transformers' `return_assistant_tokens_mask`); for rendering it is its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
 
 
 def detect_reasoning(template_source):
@@ -66,17 +101,29 @@ class ChatTemplate:
     """
 
     def __init__(self, source, bos_token, eos_token):
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           undefined=jinja2.ChainableUndefined)
+        # not the immutable sandbox: real templates append to lists and set keys on dicts they build
+        # (Kimi K2); attribute access stays limited to the data we pass
+        env = jinja2.sandbox.SandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                  undefined=jinja2.ChainableUndefined,
+                                                  extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_exception,
                            strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
-        self._template = env.from_string(source or FALLBACK_TEMPLATE)
+        try:
+            self._template = env.from_string(source or FALLBACK_TEMPLATE)
+        except Exception as exc:  # a template is third-party code: whatever it does wrong, we start
+            log.warning("the model's chat template does not compile (%s); using plain labelled turns", exc)
+            self._template, source = env.from_string(FALLBACK_TEMPLATE), None
         self._bos, self._eos = bos_token, eos_token
+        self._first_fit = 0  # the first of FITS this template needed: later turns start there
         self.end_strings = () if source else FALLBACK_END_STRINGS
         self.native_tools = template_supports_tools(source)
         self.tool_format = detect_format(source) if self.native_tools else GENERIC
         self.reasoning = detect_reasoning(source)
+        self.summary = "; ".join((
+            "the GGUF's own template" if source else "plain labelled turns (no usable template in the GGUF)",
+            f"tool calls: {self.tool_format.name}" + (" (the template's own)" if self.native_tools else " (ours)"),
+            f"reasoning: {self.reasoning.open}…{self.reasoning.close}" if self.reasoning else "no reasoning section"))
 
     def render(self, request):
         """The prompt text for a request: its history, then the start of the assistant's turn, then
@@ -92,22 +139,26 @@ class ChatTemplate:
             turns += _native_turns(message) if self.native_tools else [
                 {"role": message.role, "content": _generic_content_text(message.content)}]
         tools = [_tool_json(t) for t in offered] if self.native_tools and offered else None
-        try:
-            text = self._render(turns, tools, request.thinking)
-        except jinja2.TemplateError:
-            # Templates that allow a system turn only first (or strict alternation) get mid-conversation
-            # system messages folded into a neighbouring user turn.
+        refusal = None
+        for i, fit in enumerate(FITS[self._first_fit:], self._first_fit):
             try:
-                text = self._render(_fold_system_turns(turns), tools, request.thinking)
-            except jinja2.TemplateError as exc:  # the conversation, not the server, is what it refuses
-                raise ApiError(400, "invalid_request_error",
-                               f"the model's chat template cannot render this conversation: {exc}") from None
-        return text + request.prefill
+                text = self._render(*fit(turns, tools), request.thinking)
+            except Exception as exc:  # the template's own code refused (raise_exception or a failure)
+                refusal = refusal or exc
+                continue
+            self._first_fit = max(self._first_fit, i)  # the next turn renders the same way: same prefix
+            return text + request.prefill
+        # the conversation, not the server, is what it refuses
+        raise ApiError(400, "invalid_request_error",
+                       f"the model's chat template cannot render this conversation: {refusal}") from None
 
     def _render(self, turns, tools, thinking):
-        # enable_thinking: the switch of Qwen 3 style templates; others ignore it
-        return self._template.render(messages=turns, tools=tools, add_generation_prompt=True,
-                                     enable_thinking=thinking, bos_token=self._bos, eos_token=self._eos)
+        # enable_thinking: the switch of Qwen 3 style templates; others ignore it. `tools` is passed
+        # only when there are tools or a fit says None (Hugging Face passes None, and templates
+        # written for tool use only fail on it)
+        extra = {} if tools is ABSENT else {"tools": tools}
+        return self._template.render(messages=turns, add_generation_prompt=True, enable_thinking=thinking,
+                                     bos_token=self._bos, eos_token=self._eos, **extra)
 
 
 def _split_opening_system(messages):
@@ -196,3 +247,71 @@ def _fold_system_turns(turns):
     if pending:
         folded.append({"role": "user", "content": "\n\n".join(pending)})
     return folded
+
+
+ABSENT = object()  # `tools` left undefined in the template's context
+
+
+def _as_given(turns, tools):
+    return turns, tools
+
+
+def _tools_absent_when_none(turns, tools):
+    """Mid-conversation system turns folded into user turns (templates that allow a system turn only
+    first), and no `tools` variable at all when there are none."""
+    return _fold_system_turns(turns), ABSENT if tools is None else tools
+
+
+def _strict_roles(turns, tools):
+    """For templates with no system role (Gemma 2) or strict alternation (Mistral): the system text
+    opens the first user turn, user text right after tool results joins the last result, and
+    adjacent turns of one role become one."""
+    turns, tools = _tools_absent_when_none(turns, tools)
+    if turns and turns[0]["role"] == "system":
+        system, turns = turns[0]["content"], turns[1:]
+        at = next((i for i, t in enumerate(turns) if t["role"] == "user"), None)
+        if at is None:
+            turns = [{"role": "user", "content": system}] + turns
+        else:
+            turns = turns[:at] + [{**turns[at], "content": system + "\n\n" + turns[at]["content"]}] + turns[at + 1:]
+    merged = []
+    for turn in turns:
+        last = merged[-1] if merged else None
+        if last and turn["role"] == "user" and last["role"] == "tool" and turn["content"]:
+            merged[-1] = {**last, "content": last["content"] + "\n\n" + turn["content"]}
+        elif last and turn["role"] == last["role"] and turn["role"] in ("user", "assistant"):
+            joined = {**last, "content": "\n\n".join(c for c in (last["content"], turn["content"]) if c)}
+            calls = last.get("tool_calls", []) + turn.get("tool_calls", [])
+            merged[-1] = {**joined, "tool_calls": calls} if calls else joined
+        else:
+            merged.append(turn)
+    return merged, tools
+
+
+def _short_call_ids(turns, tools):
+    """For templates that demand call ids of nine letters and digits (Mistral): each id replaced by
+    the same nine hex digits of its hash wherever it appears, so every turn maps it alike."""
+    turns, tools = _strict_roles(turns, tools)
+
+    def short(call_id):
+        return hashlib.sha256(call_id.encode()).hexdigest()[:9]
+    turns = [{**t, "tool_calls": [{**c, "id": short(c["id"])} for c in t["tool_calls"]]} if t.get("tool_calls")
+             else {**t, "tool_call_id": short(t["tool_call_id"])} if t["role"] == "tool" else t for t in turns]
+    return turns, tools
+
+
+def _arguments_as_strings(turns, tools):
+    """For templates that concatenate a call's arguments as text (functionary): JSON strings, and
+    each tool's fields also at the top level of its entry, where some templates read them."""
+    turns, tools = _short_call_ids(turns, tools)
+    turns = [{**t, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+        c["function"]["arguments"], ensure_ascii=False)}} for c in t["tool_calls"]]} if t.get("tool_calls") else t
+             for t in turns]
+    if tools not in (None, ABSENT):
+        tools = [{**tool, **tool["function"]} for tool in tools]
+    return turns, tools
+
+
+# How a conversation is fitted to a template that refuses it, most faithful first; each keeps what
+# the one before it did, so a conversation rendered by a later one still extends turn by turn.
+FITS = (_as_given, _tools_absent_when_none, _strict_roles, _short_call_ids, _arguments_as_strings)

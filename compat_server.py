@@ -641,6 +641,7 @@ def main(argv=None):
         return 1
     _stop_on_signal(server)
     host, port = server.server_address[:2]
+    log.info("chat template: %s", engine.template.summary)
     log.info("serving %s (context %d) at http://%s:%d", engine.model_name, engine.n_ctx, host, port)
     server.serve_forever()
     server.server_close()
