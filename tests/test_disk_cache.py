@@ -4,6 +4,7 @@ folder (then it answers as a fresh evaluation)."""
 
 import logging
 import os
+import shutil
 import threading
 import time
 
@@ -25,26 +26,38 @@ def kv_files(folder):
     return sorted(f for f in os.listdir(folder) if f.endswith(".kv"))
 
 
-def test_a_restarted_server_restores_a_long_prompt_from_disk_and_answers_the_same(tmp_path):
-    first = restart(tmp_path)
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A folder holding the one state an engine wrote for LONG, and that engine's answer to the next
+    turn, given while it still held the state live."""
+    folder = tmp_path_factory.mktemp("saved")
+    first = restart(folder)
     run(first, LONG)
     kept_live = run(first, LONG + " Who is Tom?")[0]
     first.close()
-    assert len(kv_files(tmp_path)) == 1
-    second = restart(tmp_path)
+    return folder, kept_live
+
+
+def copy_of(saved, tmp_path):
+    shutil.copytree(saved[0], tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def test_a_restarted_server_restores_a_long_prompt_from_disk_and_answers_the_same(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    assert len(kv_files(folder)) == 1
+    second = restart(folder)
     text, finish = run(second, LONG + " Who is Tom?")
     assert finish.cache_read_input_tokens > 1000
     # the same state, cut at the same place, the same tokens evaluated: the same answer, bit for bit
-    assert text == kept_live
+    assert text == saved[1]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
-def test_a_corrupt_or_truncated_file_is_removed_with_a_warning_and_never_used(tmp_path, damage, caplog):
-    first = restart(tmp_path)
-    run(first, LONG)
-    first.close()
-    (name,) = kv_files(tmp_path)
-    path = tmp_path / name
+def test_a_corrupt_or_truncated_file_is_removed_with_a_warning_and_never_used(saved, tmp_path, damage, caplog):
+    folder = copy_of(saved, tmp_path)
+    (name,) = kv_files(folder)
+    path = folder / name
     raw = bytearray(path.read_bytes())
     if damage == "flip":
         raw[len(raw) // 2] ^= 0xFF
@@ -54,8 +67,9 @@ def test_a_corrupt_or_truncated_file_is_removed_with_a_warning_and_never_used(tm
         raw = bytearray(b"not a state at all")
     path.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING, logger="llama-compat"):
-        second = restart(tmp_path)
-        _, finish = run(second, LONG + " Who is Tom?", max_tokens=1)
+        second = restart(folder)
+        # the first half of the saved prompt: long enough to be worth a restore, cheaper to evaluate
+        _, finish = run(second, STORY, max_tokens=1)
     assert finish.cache_read_input_tokens < 100  # evaluated afresh, not restored from the bad file
     assert "removing prompt-state file" in caplog.text and not path.exists()
 
