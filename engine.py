@@ -46,6 +46,10 @@ PROMPT_BATCH = 512
 CACHE_MIN_TOKENS = 256
 # Prompts that needed at least this many tokens evaluated are written to the disk cache.
 DISK_MIN_EVALUATED = 1024
+# Where the memory keeps checkpoints: how far before a prompt's end. The next turn tends to part from
+# this one inside its generation prompt (an assistant header, a reasoning section opened), which a
+# sliding window or a recurrent state cannot be cut back into: the checkpoint must come before it.
+CHECKPOINT_BACK = 16
 # Seconds close() waits for the request in flight to notice it is cancelled (at most one prompt batch).
 CLOSE_WAIT = 30
 # Sampling the API leaves to the server when a request does not say (llama.cpp's own defaults);
@@ -277,10 +281,18 @@ class Engine:
         self._turns = Turns(config.max_queue)
         self._pieces = {}
         self._kv_tokens = []  # what the KV cache of sequence 0 holds, position by position
-        self._states = StateCache(config.cache_ram * 1024 * 1024)
+        model = self._llm._model.model
+        self._n_swa = llama_cpp.llama_model_n_swa(model)
+        # a memory that cannot give back any earlier prefix (a sliding window forgets what lies
+        # further back than the window; a recurrent state has no positions to cut at) keeps a
+        # checkpoint of each evaluated prompt: the next turn often parts from the live state inside it
+        self._checkpoints = bool(self._n_swa or llama_cpp.llama_model_is_recurrent(model)
+                                 or llama_cpp.llama_model_is_hybrid(model))
+        self._states = StateCache(config.cache_ram * 1024 * 1024, cuts_back=not self._checkpoints)
+        self._last_checkpoint = None  # (tokens, state) taken while evaluating the last prompt
         self._disk = DiskStates(config.cache_dir, config.cache_disk * 1024 * 1024, model_identity(model_path),
-                                idle=self._turns.idle) if (config.cache_dir and config.cache_disk > 0) else None
-        self._n_swa = llama_cpp.llama_model_n_swa(self._llm._model.model)
+                                idle=self._turns.idle, cuts_back=not self._checkpoints) if (
+            config.cache_dir and config.cache_disk > 0) else None
         self._closing = threading.Event()
         self._tokenizing = threading.Lock()  # tokenizing runs outside the turns; close() frees under it
         self._freed = False
@@ -370,10 +382,14 @@ class Engine:
         a retry of the same request can reuse.
         """
         reused = self._reuse_prefix(tokens[:-1])
-        for start in range(reused, len(tokens), PROMPT_BATCH):
+        self._last_checkpoint = None
+        mark = len(tokens) - CHECKPOINT_BACK if self._checkpoints else None
+        for start, end in prompt_batches(reused, len(tokens), mark):
             if cancelled():
                 raise ClientGone()
-            self._decode(tokens[start:start + PROMPT_BATCH])
+            self._decode(tokens[start:end])
+            if end == mark:
+                self._checkpoint()
         return reused
 
     def _decode(self, tokens):
@@ -481,7 +497,7 @@ class Engine:
         """Make the KV cache hold the longest prefix of `target` it can get back without evaluating,
         and return its length: the live state's, a saved state's in RAM, or one on disk, whichever
         reaches furthest (a restore must save at least CACHE_MIN_TOKENS of evaluation)."""
-        live = common_prefix(self._kv_tokens, target)
+        live = self._reachable(common_prefix(self._kv_tokens, target))
         saved_tokens, saved = self._states.longest_prefix(target)
         disk_tokens, on_disk = self._disk.longest_prefix(target) if self._disk else (None, 0)
         # taken before the live state is saved, which may evict it
@@ -496,11 +512,30 @@ class Engine:
             live = common_prefix(restore, target)
         return self._cut(live)
 
+    def _checkpoint(self):
+        """On a memory that cannot be cut back anywhere, the prompt's state just before its last
+        CHECKPOINT_BACK tokens, kept in RAM (and `_last_checkpoint`) before the answer moves the
+        live state past it."""
+        tokens = tuple(self._kv_tokens)
+        if len(tokens) < CACHE_MIN_TOKENS or tokens in self._states:
+            return
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+        data = self._copy_state(size) if size <= self._states.budget else None
+        if data is not None:
+            self._states.put(tokens, data)
+            self._last_checkpoint = tokens, data
+
     def _persist(self, evaluated):
         """A prompt that took long to evaluate is worth keeping across restarts: its state is copied
         out here, after the answer (the only part that holds the model), and written to disk in the
-        background. The same copy serves the RAM tier, so a side request next need not copy it again."""
+        background. The same copy serves the RAM tier, so a side request next need not copy it again.
+        Where the memory keeps checkpoints, the prompt's checkpoint is what is written: the state
+        after the answer could not be cut back to it."""
         if self._disk is None or not self._disk.enabled or evaluated < DISK_MIN_EVALUATED:
+            return
+        if self._checkpoints:
+            if self._last_checkpoint is not None:
+                self._disk.put(*self._last_checkpoint)
             return
         data = self._copy_state()
         if data is not None:
@@ -535,16 +570,23 @@ class Engine:
         self._kv_tokens = list(tokens)
         return True
 
+    def _reachable(self, keep):
+        """How many of the live state's first `keep` positions survive a cut there: all of them on
+        plain attention; on a sliding window only while the window still reaches back far enough
+        (new tokens at `keep` must see the `n_swa` before them, or the result silently differs:
+        MODELS.md); on a recurrent or hybrid state none, unless nothing is cut."""
+        if keep == len(self._kv_tokens) or not keep:
+            return keep
+        if self._n_swa:
+            memory = llama_cpp.llama_get_memory(self._ctx)
+            return keep if llama_cpp.llama_memory_seq_pos_min(memory, 0) <= max(0, keep - self._n_swa) else 0
+        return 0 if self._checkpoints else keep
+
     def _cut(self, keep):
         """Drop every position from `keep` on; returns how many positions really remain usable."""
-        memory = llama_cpp.llama_get_memory(self._ctx)
-        if keep and self._n_swa:
-            # Sliding-window layers hold only the last window of positions: new tokens at `keep`
-            # must still see the `n_swa` before them, or the result silently differs (MODELS.md).
-            if llama_cpp.llama_memory_seq_pos_min(memory, 0) > max(0, keep - self._n_swa):
-                keep = 0
-        if not llama_cpp.llama_memory_seq_rm(memory, 0, keep, -1):
-            keep = 0  # recurrent state cannot be cut back: start over
+        keep = self._reachable(keep)
+        if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, keep, -1):
+            keep = 0  # a memory that refuses the cut after all: start over
             self._forget()
         del self._kv_tokens[keep:]
         return keep
@@ -576,6 +618,18 @@ class Engine:
         with self._tokenizing:
             self._llm.close()
             self._freed = True
+
+
+def prompt_batches(start, end, mark=None):
+    """The (start, end) of each llama_decode call that evaluates positions start..end: PROMPT_BATCH
+    at a time, and one also ending at `mark` (where a checkpoint is taken), when it lies between.
+
+    >>> list(prompt_batches(0, 1100)), list(prompt_batches(100, 700, mark=684))
+    ([(0, 512), (512, 1024), (1024, 1100)], [(100, 612), (612, 684), (684, 700)])
+    """
+    ends = sorted({*range(start + PROMPT_BATCH, end, PROMPT_BATCH), end} | (
+        {mark} if mark is not None and start < mark < end else set()))
+    return zip([start] + ends, ends)
 
 
 def _close_at_exit(engine_ref):

@@ -43,14 +43,22 @@ def common_prefix(a, b):
     return i
 
 
-def longest_prefix(candidates, tokens):
-    """(the candidate sharing the longest prefix with `tokens`, that prefix's length)."""
-    best, best_len = None, 0
+def longest_prefix(candidates, tokens, whole=False):
+    """(the candidate sharing the longest prefix with `tokens`, that prefix's length); of equals, the
+    shortest, which has the least to cut back. `whole`: only candidates that are all a prefix of
+    `tokens`, for memories that cannot be cut back (a sliding window, a recurrent state).
+
+    >>> longest_prefix([(1, 2, 3, 4, 5), (1, 2, 3, 9)], (1, 2, 3, 7))
+    ((1, 2, 3, 9), 3)
+    >>> longest_prefix([(1, 2, 3, 4, 5), (1, 2)], (1, 2, 3, 4, 7), whole=True)
+    ((1, 2), 2)
+    """
+    best, best_key = None, (0, 0)
     for saved in candidates:
-        n = common_prefix(saved, tokens)
-        if n > best_len:
-            best, best_len = saved, n
-    return best, best_len
+        key = (common_prefix(saved, tokens), -len(saved))
+        if key[0] and key > best_key and (not whole or key[0] == len(saved)):
+            best, best_key = saved, key
+    return best, best_key[0]
 
 
 def model_identity(path):
@@ -67,23 +75,26 @@ def model_identity(path):
 
 class StateCache:
     """Saved KV states of sequence 0 in RAM, keyed by the tokens they hold, least recently used out
-    once their bytes exceed the budget. A state whose tokens are a prefix of a newer one is dropped:
-    the newer one serves every request the older one could."""
+    once their bytes exceed the budget. Where the memory can be cut back anywhere (`cuts_back`), a
+    state whose tokens are a prefix of a newer one is dropped: the newer one serves every request the
+    older one could. Where it cannot (a sliding window, a recurrent state), the older one is a
+    checkpoint the newer one cannot stand in for, and stays."""
 
-    def __init__(self, budget):
+    def __init__(self, budget, cuts_back=True):
         self.budget = budget
+        self._cuts_back = cuts_back
         self._entries = OrderedDict()  # tokens -> ctypes buffer from llama_state_seq_get_data
         self._bytes = 0
 
     def longest_prefix(self, tokens):
-        return longest_prefix(self._entries, tokens)
+        return longest_prefix(self._entries, tokens, whole=not self._cuts_back)
 
     def get(self, tokens):
         self._entries.move_to_end(tokens)
         return self._entries[tokens]
 
     def put(self, tokens, data):
-        for saved in [s for s in self._entries if s == tokens[:len(s)]]:
+        for saved in [s for s in self._entries if self._cuts_back and s == tokens[:len(s)]]:
             self._drop(saved)
         self._entries[tokens] = data
         self._bytes += len(data)
@@ -103,8 +114,9 @@ class StateCache:
 class DiskStates:
     """Prompt states in a folder, one file each, least recently used (by mtime) out past the budget."""
 
-    def __init__(self, folder, budget, identity, idle=None):
+    def __init__(self, folder, budget, identity, idle=None, cuts_back=True):
         self.budget = budget
+        self._cuts_back = cuts_back  # as StateCache's
         self._identity = identity
         # set while the model is idle: the writer works only then (None: always)
         self._idle = idle
@@ -132,7 +144,7 @@ class DiskStates:
     def longest_prefix(self, tokens):
         with self._lock:
             saved_tokens = list(self._index)
-        return longest_prefix(saved_tokens, tokens)
+        return longest_prefix(saved_tokens, tokens, whole=not self._cuts_back)
 
     def get(self, tokens):
         """The state stored for `tokens`, or None (a bad file is removed)."""

@@ -1,7 +1,8 @@
 """Cutting the KV cache back to a shared prefix must answer exactly as a fresh evaluation, on the
 default model (full attention) and on Gemma 3 270M (sliding-window attention, window 512), for cuts
 inside and outside the window. The window layers keep only their window, so a cut the cache cannot
-serve must fall back to evaluation rather than answer wrongly."""
+serve must fall back to evaluation rather than answer wrongly; a checkpoint taken just before the
+prompt's end gives back what the window no longer can."""
 
 import random
 
@@ -10,7 +11,7 @@ import numpy
 import pytest
 
 from conftest import make_config
-from engine import Engine, Prompt, Sampling
+from engine import CHECKPOINT_BACK, Engine, Prompt, Sampling, prompt_batches
 from model_fixtures import gemma3_path
 
 # Unpredictable text: a formulaic one lets a model continue correctly from its full-attention layers
@@ -44,10 +45,10 @@ def greedy(engine, tokens):
 SURE_MARGIN = 1.0
 
 
-def forced_logits(engine, prompt, answer=None, steps=24):
+def forced_logits(engine, prompt, answer=None, steps=24, fresh=False):
     """Next-token logits after `prompt` and after each token of `answer` fed in (None: the greedy
-    answer of `steps` tokens), with the engine's own prefix reuse; returns (logits, the answer,
-    prompt tokens reused)."""
+    answer of `steps` tokens), with the engine's own prefix reuse, or (`fresh`) none at all: the
+    prompt evaluated from nothing, no state kept; returns (logits, the answer, prompt tokens reused)."""
     n_vocab = llama_cpp.llama_vocab_n_tokens(engine._vocab)
 
     def last():
@@ -55,7 +56,14 @@ def forced_logits(engine, prompt, answer=None, steps=24):
 
     with engine._turns.reserve() as ticket:
         engine._turns.acquire(ticket, lambda: False)
-        reused = engine._evaluate(tuple(prompt), lambda: False)
+        if fresh:  # in the engine's own batches, so that only reuse can make a difference
+            engine._forget()
+            mark = len(prompt) - CHECKPOINT_BACK if engine._checkpoints else None
+            for start, end in prompt_batches(0, len(prompt), mark):
+                engine._decode(prompt[start:end])
+            reused = 0
+        else:
+            reused = engine._evaluate(tuple(prompt), lambda: False)
         rows, fed = [last()], []
         while len(rows) < (steps if answer is None else len(answer) + 1):
             fed.append(int(rows[-1].argmax()) if answer is None else answer[len(fed)])
@@ -71,8 +79,7 @@ def test_reuse_after_a_cut_answers_as_a_fresh_evaluation(model, cut_back):
     assert len(tokens) > 1500
     turn = model._llm.tokenize(TURN.encode(), add_bos=False, special=False)
     prompt = tokens[:len(tokens) - cut_back] + turn
-    model._forget()
-    fresh, answer, _ = forced_logits(model, prompt)
+    fresh, answer, _ = forced_logits(model, prompt, fresh=True)
     greedy(model, tokens)  # the cache now holds the whole text
     logits, _, reused = forced_logits(model, prompt, answer)
     assert reused in (0, len(tokens) - cut_back)  # a prefix served from the cache, or none at all
@@ -86,3 +93,30 @@ def test_reuse_after_a_cut_answers_as_a_fresh_evaluation(model, cut_back):
     sure = top2[:, 1] - top2[:, 0] > SURE_MARGIN
     assert sure.sum() >= 8
     assert (logits.argmax(axis=1) == fresh.argmax(axis=1))[sure].all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["default", "gemma3"])
+def test_a_reply_longer_than_the_window_still_leaves_its_prompt_reusable(arch, model_cache):
+    """The next turn parts from the live state just inside the last prompt (as when a template drops
+    the reasoning its generation prompt opened), after a reply longer than Gemma 3's 512-token window.
+    The live state cannot be cut back that far on a window: only the checkpoint taken just before the
+    prompt's end gives that prefix back, even after a side request in between. On full attention the
+    saved live state does."""
+    served, reference = (Engine(make_config(model="" if arch == "default" else gemma3_path(model_cache), ctx=4096))
+                         for _ in range(2))
+    tokens = list(served._llm.tokenize(TEXT.encode(), add_bos=True, special=False))
+    prompt, reply = tokens[:700], tokens[700:1500]
+    turn = prompt[:-3] + served._llm.tokenize(TURN.encode(), add_bos=False, special=False)
+    fresh, answer, _ = forced_logits(reference, turn, fresh=True)
+    greedy(served, prompt)  # the prompt evaluated, then answered
+    greedy(served, prompt + reply)  # a long reply now in the live state
+    greedy(served, served._llm.tokenize(b"A side request about cats.", add_bos=True, special=False))
+    logits, _, reused = forced_logits(served, turn, answer)
+    assert reused == (len(prompt) - 3 if arch == "default" else len(prompt) - CHECKPOINT_BACK)
+    top2 = numpy.sort(fresh, axis=1)[:, -2:]
+    sure = top2[:, 1] - top2[:, 0] > SURE_MARGIN
+    assert sure.sum() >= 8
+    assert (logits.argmax(axis=1) == fresh.argmax(axis=1))[sure].all()
+    served.close()
+    reference.close()
