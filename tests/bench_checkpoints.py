@@ -4,7 +4,8 @@ A conversation under DeepSeek-R1-Distill's real chat template (its generation pr
 reasoning; earlier turns' reasoning is dropped from the history): a ~1,200-token first prompt, a
 1,100-token reply, then the next turn. Its time to the first token is compared with a cold
 evaluation of the same prompt by a fresh engine, in one run. On a sliding window (Gemma 3) only the
-checkpoint before the first prompt's end makes the next turn cheap. About 2 minutes on 2 cores.
+checkpoint before the first prompt's end makes the next turn cheap; on a recurrent or hybrid memory
+(tiny random-weight models the tests build) likewise. About 2 minutes on 2 cores.
 """
 
 import os
@@ -17,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import protocol  # noqa: E402
 from conftest import make_config  # noqa: E402
 from engine import Engine  # noqa: E402
-from model_fixtures import default_model_path, gemma3_path, with_chat_template  # noqa: E402
+from model_fixtures import default_model_path, gemma3_path, tiny_model_path, with_chat_template  # noqa: E402
 from test_real_templates import TEMPLATES  # noqa: E402
 
 TEMPLATE = "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"
@@ -55,6 +56,8 @@ def main():
     print("|---|---|---|---|---|")
     measure("SmolLM2 135M (full attention)", default_model_path())
     measure("Gemma 3 270M (sliding window 512)", gemma3_path(cache))
+    measure("tiny Mamba, random weights (recurrent)", tiny_model_path(cache, "mamba"))
+    measure("tiny LFM2, random weights (hybrid: convolution + attention)", tiny_model_path(cache, "lfm2"))
 
 
 if __name__ == "__main__":

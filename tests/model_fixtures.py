@@ -4,9 +4,10 @@ Contract: plain functions that hand back a path to a complete GGUF file. `with_c
 a GGUF with only `tokenizer.chat_template` replaced (every other key, value type and tensor kept as
 it was); `tool_model_path` and `reasoning_model_path` build the default model with our
 `TOOL_TEMPLATE` or `REASONING_TEMPLATE` once into a cache directory; `gemma3_path` assembles Gemma 3
-270M (sliding-window attention, no chat template) once into a cache directory; `tiny_mamba_path`
-writes a tiny Mamba (a recurrent memory) with random weights of a fixed seed and the default model's
-tokenizer, so llama.cpp's real recurrent state is exercised without weights from anywhere. `render_chat` renders
+270M (sliding-window attention, no chat template) once into a cache directory; `tiny_model_path`
+writes a tiny Mamba (recurrent) or LFM2 (hybrid) with random weights of a fixed seed and the default
+model's tokenizer, so llama.cpp's real recurrent and hybrid memories are exercised without weights
+from anywhere. `render_chat` renders
 a template the way the server does. Every file is written under a temporary name beside its
 destination and renamed into place, so a destination path holds a complete file or nothing, even
 when two test processes build it at once.
@@ -28,7 +29,7 @@ import numpy
 
 from engine import default_model_path
 
-__all__ = ["default_model_path", "with_chat_template", "gemma3_path", "tiny_mamba_path", "tool_model_path",
+__all__ = ["default_model_path", "with_chat_template", "gemma3_path", "tiny_model_path", "TINY_MODELS", "tool_model_path",
            "reasoning_model_path", "render_chat", "TOOL_TEMPLATE", "REASONING_TEMPLATE"]
 
 CHAT_TEMPLATE_KEY = gguf.Keys.Tokenizer.CHAT_TEMPLATE
@@ -249,58 +250,90 @@ def gemma3_path(cache_dir):
     return path
 
 
-# A Mamba small enough to write in a second (~15 MB, most of it the 49,152-token embedding)
-TINY_MAMBA = dict(seed=7, n_embd=64, n_layer=2, d_inner=128, d_state=16, d_conv=4, dt_rank=4)
+# Two memories llama.cpp has beside attention, each in a model small enough to write in a second
+# (~15 MB, most of it the 49,152-token embedding): Mamba's recurrent state, and LFM2's hybrid of
+# short-convolution layers (a recurrent state) and attention layers.
+TINY_MODELS = {
+    "mamba": dict(seed=7, n_embd=64, n_layer=2, d_inner=128, d_state=16, d_conv=4, dt_rank=4),
+    "lfm2": dict(seed=7, n_embd=64, n_layer=2, n_head=4, n_head_kv=(0, 2), n_ff=128, l_cache=3),
+}
 
 
-def tiny_mamba_path(cache_dir):
-    """A 2-layer Mamba with random weights (TINY_MAMBA) and the default model's tokenizer and chat
-    template, written into cache_dir once per shape. Its answers mean nothing; its state is real."""
-    digest = hashlib.sha256(json.dumps(TINY_MAMBA, sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir, f"tiny-mamba-{digest}.gguf")
+def tiny_model_path(cache_dir, arch):
+    """A 2-layer model of `arch` (TINY_MODELS) with random weights of a fixed seed and the default
+    model's tokenizer and chat template, written into cache_dir once per shape. Its answers mean
+    nothing; its memory is llama.cpp's real one."""
+    shape = TINY_MODELS[arch]
+    digest = hashlib.sha256(json.dumps([arch, shape], sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"tiny-{arch}-{digest}.gguf")
     if not _is_complete_gguf(path, 1 << 20):
         os.makedirs(cache_dir, exist_ok=True)
-        _replace_atomically(path, lambda partial: _write_tiny_mamba(partial, **TINY_MAMBA))
+        _replace_atomically(path, lambda partial: _write_tiny(partial, arch, **shape))
     return path
 
 
-def _write_tiny_mamba(path, seed, n_embd, n_layer, d_inner, d_state, d_conv, dt_rank):
+def _write_tiny(path, arch, seed, n_embd, n_layer, **shape):
     reader = gguf.GGUFReader(default_model_path())
     rng = numpy.random.default_rng(seed)
 
-    def weights(*shape, scale):  # numpy shapes: ggml's dimensions reversed
-        return (rng.standard_normal(shape) * scale).astype(numpy.float32)
+    def weights(*dims, scale=0.1):  # numpy shapes: ggml's dimensions reversed
+        return (rng.standard_normal(dims) * scale).astype(numpy.float32)
 
-    writer = gguf.GGUFWriter(path, arch="mamba")
+    def ones(n):
+        return numpy.ones(n, numpy.float32)
+
+    writer = gguf.GGUFWriter(path, arch=arch)
     writer.add_context_length(4096)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layer)
-    writer.add_ssm_conv_kernel(d_conv)
-    writer.add_ssm_inner_size(d_inner)
-    writer.add_ssm_state_size(d_state)
-    writer.add_ssm_time_step_rank(dt_rank)
     writer.add_layer_norm_rms_eps(1e-5)
     for field in reader.fields.values():
         if field.name.startswith("tokenizer."):
             value, item_type = _field_value(field)
             writer.add_key_value(field.name, value, field.types[0], sub_type=item_type)
     n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    ones = numpy.ones
     writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd, scale=1.0))
-    writer.add_tensor("output_norm.weight", ones(n_embd, numpy.float32))
-    for i in range(n_layer):
-        for name, data in {
-                "attn_norm.weight": ones(n_embd, numpy.float32),
-                "ssm_in.weight": weights(2 * d_inner, n_embd, scale=0.1),
-                "ssm_conv1d.weight": weights(d_inner, d_conv, scale=0.3),
-                "ssm_conv1d.bias": weights(d_inner, scale=0.02),
-                "ssm_x.weight": weights(dt_rank + 2 * d_state, d_inner, scale=0.1),
-                "ssm_dt.weight": weights(d_inner, dt_rank, scale=0.3),
-                "ssm_dt.bias": weights(d_inner, scale=0.1),
-                # A = -exp(A_log) as Mamba stores it: decay rates 1..d_state keep the state stable
-                "ssm_a": -numpy.tile(numpy.arange(1, d_state + 1, dtype=numpy.float32), (d_inner, 1)),
-                "ssm_d": ones(d_inner, numpy.float32),
-                "ssm_out.weight": weights(n_embd, d_inner, scale=0.1)}.items():
+    if arch == "mamba":
+        d_inner, d_state, d_conv, dt_rank = shape["d_inner"], shape["d_state"], shape["d_conv"], shape["dt_rank"]
+        writer.add_ssm_conv_kernel(d_conv)
+        writer.add_ssm_inner_size(d_inner)
+        writer.add_ssm_state_size(d_state)
+        writer.add_ssm_time_step_rank(dt_rank)
+        writer.add_tensor("output_norm.weight", ones(n_embd))
+        layers = [{"attn_norm.weight": ones(n_embd), "ssm_in.weight": weights(2 * d_inner, n_embd),
+                   "ssm_conv1d.weight": weights(d_inner, d_conv, scale=0.3),
+                   "ssm_conv1d.bias": weights(d_inner, scale=0.02),
+                   "ssm_x.weight": weights(dt_rank + 2 * d_state, d_inner),
+                   "ssm_dt.weight": weights(d_inner, dt_rank, scale=0.3), "ssm_dt.bias": weights(d_inner),
+                   # A = -exp(A_log) as Mamba stores it: decay rates 1..d_state keep the state stable
+                   "ssm_a": -numpy.tile(numpy.arange(1, d_state + 1, dtype=numpy.float32), (d_inner, 1)),
+                   "ssm_d": ones(d_inner), "ssm_out.weight": weights(n_embd, d_inner)} for _ in range(n_layer)]
+    else:  # lfm2: a layer without key-value heads is a short-convolution layer
+        n_head, n_ff, l_cache = shape["n_head"], shape["n_ff"], shape["l_cache"]
+        head_dim = n_embd // n_head
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(list(shape["n_head_kv"]))
+        writer.add_feed_forward_length(n_ff)
+        writer.add_key_value(f"{arch}.shortconv.l_cache", l_cache, gguf.GGUFValueType.UINT32)
+        writer.add_tensor("token_embd_norm.weight", ones(n_embd))
+        layers = []
+        for kv_heads in shape["n_head_kv"]:
+            layer = {"attn_norm.weight": ones(n_embd), "ffn_norm.weight": ones(n_embd),
+                     "ffn_gate.weight": weights(n_ff, n_embd), "ffn_up.weight": weights(n_ff, n_embd),
+                     "ffn_down.weight": weights(n_embd, n_ff)}
+            if kv_heads:
+                layer.update({"attn_q_norm.weight": ones(head_dim), "attn_k_norm.weight": ones(head_dim),
+                              "attn_q.weight": weights(n_embd, n_embd),
+                              "attn_k.weight": weights(kv_heads * head_dim, n_embd),
+                              "attn_v.weight": weights(kv_heads * head_dim, n_embd),
+                              "attn_output.weight": weights(n_embd, n_embd)})
+            else:
+                layer.update({"shortconv.conv.weight": weights(n_embd, l_cache, scale=0.3),
+                              "shortconv.in_proj.weight": weights(3 * n_embd, n_embd),
+                              "shortconv.out_proj.weight": weights(n_embd, n_embd)})
+            layers.append(layer)
+    for i, layer in enumerate(layers):
+        for name, data in layer.items():
             writer.add_tensor(f"blk.{i}.{name}", data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

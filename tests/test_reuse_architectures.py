@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_config
 from engine import CHECKPOINT_BACK, Engine, Prompt, Sampling, prompt_batches
-from model_fixtures import gemma3_path, tiny_mamba_path
+from model_fixtures import TINY_MODELS, gemma3_path, tiny_model_path
 
 # Unpredictable text: a formulaic one lets a model continue correctly from its full-attention layers
 # alone, which hides a broken sliding-window cache (measured: this text exposes it at a 900-token cut).
@@ -96,14 +96,16 @@ def test_reuse_after_a_cut_answers_as_a_fresh_evaluation(model, cut_back):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["default", "gemma3", "mamba"])
+@pytest.mark.parametrize("arch", ["default", "gemma3", "mamba", "lfm2"])
 def test_a_reply_longer_than_the_window_still_leaves_its_prompt_reusable(arch, model_cache):
     """The next turn parts from the live state just inside the last prompt (as when a template drops
     the reasoning its generation prompt opened), after a reply longer than Gemma 3's 512-token window.
     The live state cannot be cut back that far on a window: only the checkpoint taken just before the
     prompt's end gives that prefix back, even after a side request in between. On full attention the
-    saved live state does. A recurrent state (Mamba) cannot be cut back at all: the same checkpoint."""
-    model = {"default": "", "gemma3": gemma3_path(model_cache), "mamba": tiny_mamba_path(model_cache)}[arch]
+    saved live state does. A recurrent state (Mamba) or a hybrid one (LFM2's convolution layers) cannot
+    be cut back at all: the same checkpoint."""
+    model = tiny_model_path(model_cache, arch) if arch in TINY_MODELS else (
+        gemma3_path(model_cache) if arch == "gemma3" else "")
     served, reference = (Engine(make_config(model=model, ctx=4096)) for _ in range(2))
     tokens = list(served._llm.tokenize(TEXT.encode(), add_bos=True, special=False))
     prompt, reply = tokens[:700], tokens[700:1500]
