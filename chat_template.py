@@ -117,12 +117,15 @@ class ChatTemplate:
         self._bos, self._eos = bos_token, eos_token
         self._first_fit = 0  # the first of FITS this template needed: later turns start there
         self.end_strings = () if source else FALLBACK_END_STRINGS
-        self.native_tools = template_supports_tools(source)
-        self.tool_format = detect_format(source) if self.native_tools else GENERIC
+        self.native_tools = template_supports_tools(source)  # it renders the tool list itself
+        self.tool_format = detect_format(source)
+        # a template that writes earlier calls in a known format but takes no tool list (DeepSeek
+        # V3.1, the R1 distills) renders the history itself; the tools go into the system text
+        self.native_calls = self.native_tools or self.tool_format is not GENERIC
         self.reasoning = detect_reasoning(source)
         self.summary = "; ".join((
             "the GGUF's own template" if source else "plain labelled turns (no usable template in the GGUF)",
-            f"tool calls: {self.tool_format.name}" + (" (the template's own)" if self.native_tools else " (ours)"),
+            f"tool calls: {self.tool_format.name}" + (" (the template's own)" if self.native_calls else " (ours)"),
             f"reasoning: {self.reasoning.open}…{self.reasoning.close}" if self.reasoning else "no reasoning section"))
 
     def render(self, request):
@@ -133,10 +136,10 @@ class ChatTemplate:
         offered = request.tools if request.tool_choice.type != "none" else ()
         opening, history = _split_opening_system(history)
         system = "\n\n".join(text for text in (*opening, request.system) if text)
-        system = system if self.native_tools else _generic_system_text(system, offered)
+        system = system if self.native_tools else _system_with_tools(system, offered, self.tool_format)
         turns = [{"role": "system", "content": system}] if system else []
         for message in history:
-            turns += _native_turns(message) if self.native_tools else [
+            turns += _native_turns(message) if self.native_calls else [
                 {"role": message.role, "content": _generic_content_text(message.content)}]
         tools = [_tool_json(t) for t in offered] if self.native_tools and offered else None
         refusal = None
@@ -203,14 +206,18 @@ def _native_turns(message):
     return results + ([turn] if text or calls or not results else [])
 
 
-def _generic_system_text(system, tools):
+def _system_with_tools(system, tools, fmt):
     """The system prompt, with tool descriptions first so that a new conversation with the same tools
-    shares the longest possible prefix with the last one."""
+    shares the longest possible prefix with the last one; how to call them is shown in `fmt`, the
+    model's own format where the template teaches one, else our generic one."""
     if not tools:
         return system
     lines = [json.dumps({"name": t.name, "description": t.description, "input_schema": t.input_schema},
                         ensure_ascii=False) for t in tools]
-    return GENERIC_TOOL_PREAMBLE + "\n".join(lines) + ("\n\n" + system if system else "")
+    preamble = GENERIC_TOOL_PREAMBLE if fmt is GENERIC else (
+        "You can call these tools. To call one, reply with\n" + format_call(fmt, "TOOL_NAME", {"ARGUMENT": "VALUE"})
+        + "\nand nothing after it; the result comes back in the next turn.\n\nTools:\n")
+    return preamble + "\n".join(lines) + ("\n\n" + system if system else "")
 
 
 def _generic_content_text(blocks):

@@ -33,7 +33,7 @@ from llama_cpp.llama_grammar import SchemaConverter
 
 from protocol import MAX_JSON_DEPTH, TextDelta, ToolInputDelta, ToolUseStart
 
-FORMAT_NAMES = ("hermes", "llama3", "mistral", "harmony", "generic")
+FORMAT_NAMES = ("hermes", "llama3", "mistral", "harmony", "deepseek-v3", "deepseek-r1", "generic")
 # protocol.TOOL_NAME allows 128 characters, so a longer run of name characters names no tool.
 MAX_NAME_CHARS = 128
 # Python refuses to parse integers of more than 4300 digits (sys.int_info), so json.loads would fail
@@ -121,10 +121,25 @@ HARMONY = ToolFormat("harmony", "<|channel|>commentary to=functions.", "", " <|c
                      after=((" <|call|>",),), lead_ins=("<|start|>assistant",), close_ends_generation=True,
                      variants=(HARMONY_RECIPIENT_FIRST,))
 
+# DeepSeek V3.1 and later: `<｜tool▁calls▁begin｜>`, then per call `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{…}
+# <｜tool▁call▁end｜>`, then `<｜tool▁calls▁end｜>`. DeepSeek-R1 (and its distills) put the call's type
+# before the name and the arguments in a json code fence.
+_DS_CALLS, _DS_CALL, _DS_SEP, _DS_CALL_END, _DS_CALLS_END = (
+    "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>")
+DEEPSEEK_V3 = ToolFormat("deepseek-v3", _DS_CALLS, _DS_CALL, _DS_SEP, _DS_CALL_END, _DS_CALLS_END, "",
+                         heads=((" " + _DS_CALL, NAME, _DS_SEP),),
+                         after=((" " + _DS_CALL_END, " " + _DS_CALL, NAME, _DS_SEP),
+                                (" " + _DS_CALL_END, " " + _DS_CALLS_END)))
+DEEPSEEK_R1 = ToolFormat("deepseek-r1", _DS_CALLS, _DS_CALL + "function" + _DS_SEP, "\n```json\n",
+                         "\n```" + _DS_CALL_END, _DS_CALLS_END, "",
+                         heads=((" " + _DS_CALL, "function", _DS_SEP, NAME, " ```json"),),
+                         after=((" ```", " " + _DS_CALL_END, " " + _DS_CALL, "function", _DS_SEP, NAME, " ```json"),
+                                (" ```", " " + _DS_CALL_END, " " + _DS_CALLS_END)))
+
 
 # Text only one family's chat template contains; the first found names the format.
 TEMPLATE_MARKERS = (("<tool_call>", HERMES), ("[ARGS]", MISTRAL_ARGS), ("[TOOL_CALLS]", MISTRAL),
-                    ("<|channel|>", HARMONY), ("<|python_tag|>", LLAMA3))
+                    ("<|channel|>", HARMONY), ("<|python_tag|>", LLAMA3), (_DS_CALLS, DEEPSEEK_V3))
 
 
 def detect_format(template_source):
@@ -135,6 +150,8 @@ def detect_format(template_source):
     """
     source = template_source or ""
     fmt = next((fmt for marker, fmt in TEMPLATE_MARKERS if marker in source), GENERIC)
+    if fmt is DEEPSEEK_V3 and "```json" in source:
+        return DEEPSEEK_R1
     # Llama 3.2's template has no python tag, only the ipython role and "parameters"
     return LLAMA3 if fmt is GENERIC and "ipython" in source and "parameters" in source else fmt
 

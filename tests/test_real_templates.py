@@ -112,12 +112,16 @@ def test_mistral_call_ids_are_nine_alphanumerics_the_same_in_every_turn():
     assert short and text.count(short[0]) == 2  # the call and its result
 
 
+SERVED = ("Cohere2MoE", "LFM2.5-8B-A1B", "deepseek-ai-DeepSeek-V3.1", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B")
+
+
 @pytest.fixture(scope="module")
 def served_templates(model_cache):
-    """Two templates the server once refused to start with or answered 500 on ordinary requests:
-    `{% break %}` (Cohere2MoE) and `{% generation %}` (LFM2.5), written into the default GGUF."""
+    """Templates written into the default GGUF and served: two the server once refused to start with
+    (`{% break %}` in Cohere2MoE, `{% generation %}` in LFM2.5), and two whose call formats are read
+    although they take no tool list (DeepSeek V3.1 and R1)."""
     runs = {}
-    for name in ("Cohere2MoE", "LFM2.5-8B-A1B"):
+    for name in SERVED:
         engine = Engine(make_config(model=_default_model_with(model_cache, name.lower(), TEMPLATES[name])))
         runs[name] = Running(engine)
     yield runs
@@ -126,7 +130,7 @@ def served_templates(model_cache):
         running.server.engine.close()
 
 
-@pytest.mark.parametrize("name", ["Cohere2MoE", "LFM2.5-8B-A1B"])
+@pytest.mark.parametrize("name", SERVED[:2])
 def test_a_gguf_with_such_a_template_starts_and_answers(served_templates, name):
     client = sdk_client(served_templates[name].url)
     message = client.messages.create(model="m", max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
@@ -134,3 +138,22 @@ def test_a_gguf_with_such_a_template_starts_and_answers(served_templates, name):
     with client.messages.stream(model="m", max_tokens=8, tools=[TOOL], **{
             k: v for k, v in CLAUDE_CODE.items() if k != "tools"}) as stream:
         assert stream.get_final_message().usage.input_tokens > 50
+
+
+@pytest.mark.parametrize("name, fmt", [("deepseek-ai-DeepSeek-V3.1", "deepseek-v3"),
+                                       ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-r1")])
+def test_a_forced_call_in_deepseeks_own_format_comes_back_as_tool_use(served_templates, name, fmt):
+    running = served_templates[name]
+    assert running.server.engine.template.tool_format.name == fmt
+    client = sdk_client(running.url)
+    # maxLength: at temperature 1 the 135M model can ramble inside a string until max_tokens
+    bounded = {**TOOL, "input_schema": {**TOOL["input_schema"], "properties": {"city": {"type": "string",
+                                                                                        "maxLength": 40}}}}
+    body = dict(model="m", max_tokens=120, tools=[bounded], tool_choice={"type": "tool", "name": "get_weather"},
+                messages=[{"role": "user", "content": "Weather in Paris?"}])
+    message = client.messages.create(**body)
+    with client.messages.stream(**body) as stream:
+        streamed = stream.get_final_message()
+    for reply in (message, streamed):
+        assert reply.stop_reason == "tool_use" and reply.content[-1].type == "tool_use"
+        assert reply.content[-1].name == "get_weather" and isinstance(reply.content[-1].input.get("city"), str)

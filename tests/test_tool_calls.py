@@ -14,12 +14,14 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 import tool_calls
 from protocol import MAX_JSON_DEPTH, TextDelta, Tool, ToolInputDelta, ToolUseStart
-from tool_calls import (GENERIC, HARMONY, HARMONY_RECIPIENT_FIRST, HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS,
+from tool_calls import (DEEPSEEK_R1, DEEPSEEK_V3, GENERIC, HARMONY, HARMONY_RECIPIENT_FIRST, HERMES, LLAMA3,
+                        MISTRAL, MISTRAL_ARGS,
                         CallParser, call_grammar, detect_format, format_call, json_grammar, lazy_call_grammar,
                         rest_of_call_grammar, template_supports_tools)
 
-FORMATS = [HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, HARMONY, HARMONY_RECIPIENT_FIRST, GENERIC]
-FORMAT_IDS = ["hermes", "llama3", "mistral", "mistral-args", "harmony", "harmony-recipient-first", "generic"]
+FORMATS = [HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, HARMONY, HARMONY_RECIPIENT_FIRST, DEEPSEEK_V3, DEEPSEEK_R1, GENERIC]
+FORMAT_IDS = ["hermes", "llama3", "mistral", "mistral-args", "harmony", "harmony-recipient-first", "deepseek-v3",
+              "deepseek-r1", "generic"]
 TOOLS = ["get_weather", "get_time"]
 # How models separate consecutive calls when each call carries its own open marker.
 SEPARATORS = {"hermes": "\n", "llama3": "; ", "harmony": "<|start|>assistant", "generic": "\n"}
@@ -62,9 +64,17 @@ def mistral_list(calls):
     return "[TOOL_CALLS][" + items + "]"
 
 
+def one_section(fmt, calls):
+    """DeepSeek's calls, all inside one pair of tool-calls markers."""
+    return fmt.open_marker + "".join(fmt.name_prefix + name + fmt.args_prefix + json.dumps(args, ensure_ascii=False)
+                                     + fmt.args_suffix for name, args in calls) + fmt.close_marker
+
+
 def several(fmt, calls):
     if fmt is MISTRAL:
         return mistral_list(calls)
+    if fmt in (DEEPSEEK_V3, DEEPSEEK_R1):
+        return one_section(fmt, calls)
     return SEPARATORS.get(fmt.name, "").join(format_call(fmt, name, args) for name, args in calls)
 
 
@@ -91,6 +101,12 @@ SAMPLES = [
     ('I will check.<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>'
      '{"city":"Paris","days":[1,2],"unit":null}<|call|><|start|>assistant to=functions.get_time<|channel|>'
      'commentary <|constrain|>json<|message|>{"tz": "Europe/Paris"}<|call|>', HARMONY),
+    ('I will check.\n\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris", '
+     '"days": [1, 2], "unit": null}<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>get_time<｜tool▁sep｜>'
+     '{"tz": "Europe/Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>', DEEPSEEK_V3),
+    ('I will check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n'
+     '{"city": "Paris", "days": [1, 2], "unit": null}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function'
+     '<｜tool▁sep｜>get_time\n```json\n{"tz": "Europe/Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>', DEEPSEEK_R1),
 ]
 
 
