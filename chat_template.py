@@ -15,6 +15,7 @@ touches I/O; `detect_reasoning` and `tool_calls.detect_format` read from the tem
 the model writes reasoning and calls.
 """
 
+import copy
 import datetime
 import hashlib
 import json
@@ -52,7 +53,8 @@ def _raise_exception(message):
 
 
 def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False, separators=None):
-    # Hugging Face templates expect this signature and no HTML escaping (jinja2's own escapes '<').
+    # Hugging Face templates call it with these keywords and expect no HTML escaping (jinja2's own
+    # escapes '<').
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
                       separators=separators, default=_json_default)
 
@@ -115,7 +117,6 @@ class ChatTemplate:
             log.warning("the model's chat template does not compile (%s); using plain labelled turns", exc)
             self._template, source = env.from_string(FALLBACK_TEMPLATE), None
         self._bos, self._eos = bos_token, eos_token
-        self._first_fit = 0  # the first of FITS this template needed: later turns start there
         self.end_strings = () if source else FALLBACK_END_STRINGS
         self.native_tools = template_supports_tools(source)  # it renders the tool list itself
         self.tool_format = detect_format(source)
@@ -143,13 +144,14 @@ class ChatTemplate:
                 {"role": message.role, "content": _generic_content_text(message.content)}]
         tools = [_tool_json(t) for t in offered] if self.native_tools and offered else None
         refusal = None
-        for i, fit in enumerate(FITS[self._first_fit:], self._first_fit):
-            try:
-                text = self._render(*fit(turns, tools), request.thinking)
+        for fit in FITS:
+            fitted, fitted_tools = fit(turns, tools)
+            try:  # a copy each time: templates may append to and set what they are given
+                text = self._render(copy.deepcopy(fitted), fitted_tools if fitted_tools is ABSENT else
+                                    copy.deepcopy(fitted_tools), request.thinking)
             except Exception as exc:  # the template's own code refused (raise_exception or a failure)
                 refusal = refusal or exc
                 continue
-            self._first_fit = max(self._first_fit, i)  # the next turn renders the same way: same prefix
             return text + request.prefill
         # the conversation, not the server, is what it refuses
         raise ApiError(400, "invalid_request_error",
@@ -320,5 +322,6 @@ def _arguments_as_strings(turns, tools):
 
 
 # How a conversation is fitted to a template that refuses it, most faithful first; each keeps what
-# the one before it did, so a conversation rendered by a later one still extends turn by turn.
+# the one before it did. Each request starts from the first: history only grows, so what made one
+# turn need a fit holds for the next turns too, and they still extend it.
 FITS = (_as_given, _tools_absent_when_none, _strict_roles, _short_call_ids, _arguments_as_strings)

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import launch_claude
 import protocol
 from config import parse_config
-from engine import ClientGone, Engine, ModelLoadError, cpu_features, thread_settings
+from engine import ClientGone, Engine, EngineClosed, ModelLoadError, cpu_features, thread_settings
 from protocol import ApiError, Finish, MessageAssembler, new_id
 
 log = logging.getLogger("llama-compat")
@@ -269,7 +269,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_api_error(exc)
         except (ClientGone, ConnectionError) as exc:
             self.close_connection = True
-            if self.server.cancel_all.is_set():
+            if self.server.cancel_all.is_set() or isinstance(exc, EngineClosed):
                 self._answer_shutdown()
             else:
                 log.info("%s: client disconnected%s", self.request_id,
@@ -390,9 +390,9 @@ class Handler(BaseHTTPRequestHandler):
                 sse.feed(event)
                 if isinstance(event, Finish):
                     sse.close()  # the stream ends here; keeping the prompt state comes after
-        except ClientGone:
+        except ClientGone as exc:
             self.close_connection = True
-            if self.server.cancel_all.is_set():
+            if self.server.cancel_all.is_set() or isinstance(exc, EngineClosed):
                 log.info("%s: stream cancelled: the server is shutting down", self.request_id)
                 sse.fail("overloaded_error", "The server is shutting down; retry shortly")
             else:
@@ -403,7 +403,7 @@ class Handler(BaseHTTPRequestHandler):
             sse.fail()
         else:
             if sse.broken:  # it left after the answer was complete, while the state was being kept
-                log.info("%s: client disconnected mid-stream", self.request_id)
+                log.info("%s: client disconnected after the answer", self.request_id)
         finally:
             job.close()
             sse.close()

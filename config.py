@@ -71,7 +71,9 @@ def parse_config(argv=None, environ=os.environ):
     for f in fields(Config):
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
         env = environ.get("LLAMA_COMPAT_" + f.name.upper())
-        if f.type is bool:
+        if f.type is bool:  # argparse checks choices on the command line only: the environment here
+            if env not in (None, "auto", "off"):
+                p.error(f"LLAMA_COMPAT_{f.name.upper()} must be auto or off, not {env!r}")
             p.add_argument(flag, choices=("auto", "off"), default=env or ("auto" if default else "off"),
                            help=HELP[f.name])
         else:  # argparse converts (and reports a bad value in) a string default as if it were given
@@ -82,4 +84,5 @@ def parse_config(argv=None, environ=os.environ):
             not 0 <= a["port"] <= 65535):
         p.error("--ctx must be >= 16, --port 0-65535, --max-queue, --threads, the cache sizes and "
                 "--shutdown-grace >= 0")
-    return Config(**{name: value == "auto" if name == "yarn" else value for name, value in a.items()})
+    types = {f.name: f.type for f in fields(Config)}
+    return Config(**{name: value == "auto" if types[name] is bool else value for name, value in a.items()})

@@ -67,6 +67,10 @@ class ClientGone(Exception):
     """The caller's `cancelled()` turned true: the request ended without an answer."""
 
 
+class EngineClosed(ClientGone):
+    """close() cancelled the request: it ended without an answer, and a retry may succeed elsewhere."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
@@ -144,7 +148,7 @@ def _load(model_path, **params):
 
     Sliding-window layers keep only their window (`swa_full=False`): measured on Gemma 3 with this
     build, a full-size window cache cut back by even one position then answered differently from a
-    fresh evaluation, while the short cache with `_cut`'s reach check always matched.
+    fresh evaluation, while the short cache with `_reachable`'s check always matched.
     """
     try:
         return llama_cpp.Llama(model_path=model_path, flash_attn=True, swa_full=False, **params)
@@ -277,7 +281,8 @@ class Engine:
         self.template = ChatTemplate(metadata.get("tokenizer.chat_template"),
                                      bos_token=self._token_text(self._llm.token_bos()),
                                      eos_token=self._token_text(self._llm.token_eos()))
-        self._add_bos = self._llm._model.add_bos_token()
+        # read once: close() frees the model under tokenizing threads' feet otherwise
+        self._bos = self._llm.token_bos() if self._llm._model.add_bos_token() else -1
         self._turns = Turns(config.max_queue)
         self._pieces = {}
         self._kv_tokens = []  # what the KV cache of sequence 0 holds, position by position
@@ -286,14 +291,15 @@ class Engine:
         # a memory that cannot give back any earlier prefix (a sliding window forgets what lies
         # further back than the window; a recurrent state has no positions to cut at) keeps a
         # checkpoint of each evaluated prompt: the next turn often parts from the live state inside it
-        self._checkpoints = bool(self._n_swa or llama_cpp.llama_model_is_recurrent(model)
-                                 or llama_cpp.llama_model_is_hybrid(model))
+        self._recurrent = llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        self._checkpoints = bool(self._n_swa) or self._recurrent
         self._states = StateCache(config.cache_ram * 1024 * 1024, cuts_back=not self._checkpoints)
         self._last_checkpoint = None  # (tokens, state) taken while evaluating the last prompt
         self._disk = DiskStates(config.cache_dir, config.cache_disk * 1024 * 1024, model_identity(model_path),
                                 idle=self._turns.idle, cuts_back=not self._checkpoints) if (
             config.cache_dir and config.cache_disk > 0) else None
         self._closing = threading.Event()
+        self._closing_lock = threading.Lock()
         self._tokenizing = threading.Lock()  # tokenizing runs outside the turns; close() frees under it
         self._freed = False
         # a generation still running when the interpreter exits crashes it (llama.cpp's memory is
@@ -351,9 +357,8 @@ class Engine:
                 raise ApiError(529, "overloaded_error", "Overloaded: the server is shutting down",
                                headers=[("retry-after", "2")])
             tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        bos = self._llm.token_bos()
-        if self._add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
-            tokens.insert(0, bos)
+        if self._bos >= 0 and (not tokens or tokens[0] != self._bos):
+            tokens.insert(0, self._bos)
         return tuple(tokens)
 
     # -----------------------------------------------------------------------------------------------
@@ -366,11 +371,15 @@ class Engine:
         def stopped():
             return self._closing.is_set() or cancelled()
 
-        self._turns.acquire(ticket, stopped)
         try:
+            self._turns.acquire(ticket, stopped)
             reused = self._evaluate(prompt.tokens, stopped)
             yield from self._sample(prompt, sampling, stopped, reused)
             self._persist(len(prompt.tokens) - reused)  # after the answer, so it never delays one
+        except ClientGone:
+            if self._closing.is_set():
+                raise EngineClosed() from None
+            raise
         finally:
             ticket.close()
 
@@ -423,7 +432,7 @@ class Engine:
             room = self.n_ctx - len(prompt.tokens)
             limit = min(sampling.max_tokens, room)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            produced, thought, stop_reason, stop_sequence = 0, 0, None, None
+            produced, thought, stop_reason, stop_sequence, hit = 0, 0, None, None, None
             while stop_reason is None:
                 if produced >= limit:
                     stop_reason = "max_tokens" if limit == sampling.max_tokens else "model_context_window_exceeded"
@@ -452,7 +461,7 @@ class Engine:
                         if closed:
                             produced += closed
                             yield from reader.close_reasoning(close)
-            yield from reader.finish(decoder.decode(b"", final=True), stopped=stop_sequence is not None)
+            yield from reader.finish(decoder.decode(b"", final=True), stopped=hit is not None)
             if reader.calls and stop_reason == "end_turn":
                 stop_reason = "tool_use"
             yield Finish(stop_reason, stop_sequence, len(prompt.tokens) - reused, reused, produced)
@@ -508,8 +517,9 @@ class Engine:
         else:
             restore, data = None, None
         self._save_live(keep=live)
-        if data is not None and self._restore(restore, data):
-            live = common_prefix(restore, target)
+        if data is not None:
+            # a state llama.cpp refuses (another build, another context size) leaves nothing live
+            live = common_prefix(restore, target) if self._restore(restore, data) else 0
         return self._cut(live)
 
     def _checkpoint(self):
@@ -517,12 +527,17 @@ class Engine:
         CHECKPOINT_BACK tokens, kept in RAM (and `_last_checkpoint`) before the answer moves the
         live state past it."""
         tokens = tuple(self._kv_tokens)
-        if len(tokens) < CACHE_MIN_TOKENS or tokens in self._states:
+        if len(tokens) < CACHE_MIN_TOKENS:
+            return
+        if tokens in self._states:
+            self._last_checkpoint = tokens, self._states.get(tokens)
             return
         size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
-        data = self._copy_state(size) if size <= self._states.budget else None
+        to_disk = self._disk is not None and self._disk.enabled and len(tokens) >= DISK_MIN_EVALUATED
+        data = self._copy_state(size) if size <= self._states.budget or to_disk else None
         if data is not None:
-            self._states.put(tokens, data)
+            if size <= self._states.budget:
+                self._states.put(tokens, data)
             self._last_checkpoint = tokens, data
 
     def _persist(self, evaluated):
@@ -531,11 +546,13 @@ class Engine:
         background. The same copy serves the RAM tier, so a side request next need not copy it again.
         Where the memory keeps checkpoints, the prompt's checkpoint is what is written: the state
         after the answer could not be cut back to it."""
+        # its bytes belong to the tiers from now on, within their budgets
+        checkpoint, self._last_checkpoint = self._last_checkpoint, None
         if self._disk is None or not self._disk.enabled or evaluated < DISK_MIN_EVALUATED:
             return
         if self._checkpoints:
-            if self._last_checkpoint is not None:
-                self._disk.put(*self._last_checkpoint)
+            if checkpoint is not None:
+                self._disk.put(*checkpoint)
             return
         data = self._copy_state()
         if data is not None:
@@ -575,12 +592,15 @@ class Engine:
         plain attention; on a sliding window only while the window still reaches back far enough
         (new tokens at `keep` must see the `n_swa` before them, or the result silently differs:
         MODELS.md); on a recurrent or hybrid state none, unless nothing is cut."""
+        keep = min(keep, len(self._kv_tokens))
         if keep == len(self._kv_tokens) or not keep:
             return keep
+        if self._recurrent:
+            return 0
         if self._n_swa:
             memory = llama_cpp.llama_get_memory(self._ctx)
             return keep if llama_cpp.llama_memory_seq_pos_min(memory, 0) <= max(0, keep - self._n_swa) else 0
-        return 0 if self._checkpoints else keep
+        return keep
 
     def _cut(self, keep):
         """Drop every position from `keep` on; returns how many positions really remain usable."""
@@ -603,9 +623,11 @@ class Engine:
         """Cancel what is in flight, wait for the prompt state being written to disk (so that stopping
         the server right after a long first turn still leaves it for the next start), and free the
         model. Requests after this end as if their client had left, or 529 before they are admitted."""
-        if self._closing.is_set():
-            return
-        self._closing.set()
+        with self._closing_lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+        self._turns.closing = True
         self._cpu.stop()
         # the writer works only while the model is idle; llama.cpp must not be freed under a thread
         # still inside it, and one that never lets go is left to the process's end
@@ -653,8 +675,12 @@ class Turns:
         self._holder = None
         self.idle = threading.Event()  # set while no one holds or waits for the model
         self.idle.set()
+        self.closing = False  # the engine is closing: no new place in the queue
 
     def reserve(self):
+        if self.closing:
+            raise ApiError(529, "overloaded_error", "Overloaded: the server is shutting down",
+                           headers=[("retry-after", "2")])
         with self._cond:
             idle = self._holder is None and not self._queue
             if not idle and len(self._queue) >= self.max_queue:

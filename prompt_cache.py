@@ -3,7 +3,9 @@
 Contract: stores opaque state bytes (what llama.cpp's `llama_state_seq_get_data` copies out) under
 the exact token sequence they hold, finds the stored sequence sharing the longest prefix with a new
 prompt, and forgets the least recently used past a byte budget. Both tiers (`StateCache` in RAM,
-`DiskStates` on disk) speak one vocabulary: `longest_prefix`, `get`, `put`. `DiskStates` keeps
+`DiskStates` on disk) speak one vocabulary: `longest_prefix`, `get`, `put`; for memories that cannot
+be cut back (`cuts_back=False`) only a state whose tokens are all a prefix of the new prompt counts,
+and none is dropped for a newer one it is a prefix of. `DiskStates` keeps
 states across restarts: files written atomically by a background thread, each checked when read
 (format, model identity, token count, digest); a bad file is removed with a warning, and a folder
 that cannot be written turns the disk tier off with a warning. It never calls llama.cpp and never raises on what
@@ -94,7 +96,7 @@ class StateCache:
         return self._entries[tokens]
 
     def put(self, tokens, data):
-        for saved in [s for s in self._entries if self._cuts_back and s == tokens[:len(s)]]:
+        for saved in [s for s in self._entries if s == tokens or (self._cuts_back and s == tokens[:len(s)])]:
             self._drop(saved)
         self._entries[tokens] = data
         self._bytes += len(data)

@@ -101,6 +101,17 @@ def test_a_template_that_does_not_compile_falls_back_to_labelled_turns(caplog):
     chat = ChatTemplate("{% for m in messages %}{{ m.content }", "<s>", "</s>")
     assert "User: hello" in chat.render(request())
     assert "does not compile" in caplog.text
+    assert chat.end_strings == ("\nUser:",) and not chat.native_calls  # all of the fallback, not only its text
+    assert "<tool_call>" in chat.render(request(tools=[TOOL]))  # the generic convention describes the tools
+
+
+@pytest.mark.parametrize("name", ["Mistral-Small-3.2-24B-Instruct-2506", "meetkai-functionary-medium-v3.2"])
+def test_a_conversation_that_needed_a_fit_does_not_change_how_others_render(name):
+    plain = request(system="Be brief.")
+    alone = template(name).render(plain)
+    chat = template(name)
+    chat.render(request(**CLAUDE_CODE))  # needs a fit on these templates
+    assert chat.render(plain) == alone
 
 
 def test_mistral_call_ids_are_nine_alphanumerics_the_same_in_every_turn():

@@ -12,7 +12,7 @@ import pytest
 
 import compat_server
 from conftest import Running, ScriptedEngine, make_config
-from engine import ClientGone, Engine, Turns
+from engine import ClientGone, Engine, EngineClosed, Turns
 from protocol import ApiError, Finish, TextDelta
 from test_cache import run
 from sse_grammar import sse_events
@@ -212,18 +212,23 @@ EXIT_MID_EVALUATION = """
 import atexit, sys, threading, time
 import engine as engine_module, protocol
 from conftest import make_config
+answered = threading.Event()
 def evaluate_prompts():
-    for i in range(100):  # each a new prompt: the thread spends its time inside llama_decode
-        request = protocol.parse_messages_request({"model": "m", "max_tokens": 1, "messages": [
-            {"role": "user", "content": f"{i} " + "Tell me about cats and dogs. " * 60}]})
-        for _ in engine.submit(request, lambda: False):
-            pass
+    try:
+        for i in range(100):  # each a new prompt: the thread spends its time inside llama_decode
+            request = protocol.parse_messages_request({"model": "m", "max_tokens": 1, "messages": [
+                {"role": "user", "content": f"{i} " + "Tell me about cats and dogs. " * 60}]})
+            with engine.submit(request, lambda: False) as job:
+                list(job)
+            answered.set()
+    except (engine_module.EngineClosed, protocol.ApiError):  # cancelled, or refused a place: closing
+        print("ended by close()")
 worker = threading.Thread(target=evaluate_prompts, daemon=True)
 # registered before the engine exists, so it runs after the engine's own exit handler
 atexit.register(lambda: (worker.join(10), print("inside llama.cpp at exit:", worker.is_alive())))
 engine = engine_module.Engine(make_config())
 worker.start()
-time.sleep(0.5)
+answered.wait(120)  # one request answered: the next one is in llama.cpp now
 sys.exit(0)
 """
 
@@ -235,19 +240,25 @@ def test_a_process_that_exits_while_the_model_works_stops_it_first():
     done = subprocess.run([sys.executable, "-c", EXIT_MID_EVALUATION], cwd=root, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": os.path.join(root, "tests")})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "inside llama.cpp at exit: False" in done.stdout
+    assert "ended by close()" in done.stdout and "inside llama.cpp at exit: False" in done.stdout
 
 
 def test_close_cancels_the_request_in_flight_then_refuses_new_ones():
     engine = Engine(make_config(ctx=1024))
-    tokens_seen = threading.Event()
+    tokens_seen, asked = threading.Event(), []
+
+    def generating():  # asked once while waiting, once per prompt batch, then once per token
+        asked.append(1)
+        if len(asked) > 10:
+            tokens_seen.set()
+        return False
+
     outcome = []
 
     def long_run():
         try:
-            run(engine, "Write a very long story about a cat.", max_tokens=900,
-                cancelled=lambda: tokens_seen.set() or False)
-        except ClientGone:
+            run(engine, "Write a very long story about a cat.", max_tokens=900, cancelled=generating)
+        except EngineClosed:
             outcome.append("cancelled")
 
     worker = threading.Thread(target=long_run)
