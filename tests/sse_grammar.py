@@ -1,7 +1,8 @@
 """The one SSE grammar checker, for raw-socket streams and for every stream the SDK reads in tests.
 
 `check_grammar(events)` holds a stream's events (dicts, as decoded from `data:`) to the order the
-SDKs rely on; `sse_events(body)` decodes a raw body frame by frame and checks it; `sdk_client(url)`
+SDKs rely on; `sse_events(body)` decodes a raw body frame by frame and checks it (`dechunk` gives the
+body of a response read raw off a socket); `sdk_client(url)`
 is an `anthropic.Anthropic` (or, with `asynchronous=True`, `AsyncAnthropic`) whose transport checks
 every event stream it reads to the end, so an SDK test cannot pass on a stream the grammar refuses.
 """
@@ -59,6 +60,18 @@ def sse_events(body):
         events.append(data)
     check_grammar(events)
     return events
+
+
+def dechunk(raw):
+    """The body of a chunked HTTP/1.1 response read raw from a socket (status line and headers included)."""
+    rest, body = raw.split(b"\r\n\r\n", 1)[1], b""
+    while rest:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        body, rest = body + rest[:size], rest[size + 2:]
+    return body
 
 
 def _check_read_whole(body):

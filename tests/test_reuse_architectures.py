@@ -23,7 +23,7 @@ TEXT = "Notes: " + " ".join(f"{_rng.choice(_WORDS.split())} {_rng.choice(_WORDS.
 TURN = " In summary, the notes"
 
 
-@pytest.fixture(scope="module", params=["default", "gemma3"])
+@pytest.fixture(scope="module")
 def model(request, model_cache):
     if request.param == "default":
         return Engine(make_config(ctx=4096))
@@ -72,8 +72,10 @@ def forced_logits(engine, prompt, answer=None, steps=24, fresh=False):
     return numpy.array(rows), fed, reused
 
 
+# a small cut on full attention is test_cache.py's everyday case; here the large one
 @pytest.mark.slow
-@pytest.mark.parametrize("cut_back", [64, 900], ids=["inside-window", "outside-window"])
+@pytest.mark.parametrize("model, cut_back", [("default", 900), ("gemma3", 64), ("gemma3", 900)], indirect=["model"],
+                         ids=["default-far", "gemma3-inside-window", "gemma3-outside-window"])
 def test_reuse_after_a_cut_answers_as_a_fresh_evaluation(model, cut_back):
     tokens = list(model._llm.tokenize(TEXT.encode(), add_bos=True, special=False))
     assert len(tokens) > 1500
@@ -96,16 +98,15 @@ def test_reuse_after_a_cut_answers_as_a_fresh_evaluation(model, cut_back):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["default", "gemma3", "mamba", "lfm2"])
+@pytest.mark.parametrize("arch", ["gemma3", "mamba", "lfm2"])
 def test_a_reply_longer_than_the_window_still_leaves_its_prompt_reusable(arch, model_cache):
     """The next turn parts from the live state just inside the last prompt (as when a template drops
     the reasoning its generation prompt opened), after a reply longer than Gemma 3's 512-token window.
     The live state cannot be cut back that far on a window: only the checkpoint taken just before the
     prompt's end gives that prefix back, even after a side request in between. On full attention the
-    saved live state does. A recurrent state (Mamba) or a hybrid one (LFM2's convolution layers) cannot
-    be cut back at all: the same checkpoint."""
-    model = tiny_model_path(model_cache, arch) if arch in TINY_MODELS else (
-        gemma3_path(model_cache) if arch == "gemma3" else "")
+    saved live state does (test_cache.py). A recurrent state (Mamba) or a hybrid one (LFM2's
+    convolution layers) cannot be cut back at all: the same checkpoint."""
+    model = tiny_model_path(model_cache, arch) if arch in TINY_MODELS else gemma3_path(model_cache)
     served, reference = (Engine(make_config(model=model, ctx=4096)) for _ in range(2))
     tokens = list(served._llm.tokenize(TEXT.encode(), add_bos=True, special=False))
     prompt, reply = tokens[:700], tokens[700:1500]
@@ -115,7 +116,7 @@ def test_a_reply_longer_than_the_window_still_leaves_its_prompt_reusable(arch, m
     greedy(served, prompt + reply)  # a long reply now in the live state
     greedy(served, served._llm.tokenize(b"A side request about cats.", add_bos=True, special=False))
     logits, _, reused = forced_logits(served, turn, answer)
-    assert reused == (len(prompt) - 3 if arch == "default" else len(prompt) - CHECKPOINT_BACK)
+    assert reused == len(prompt) - CHECKPOINT_BACK
     top2 = numpy.sort(fresh, axis=1)[:, -2:]
     sure = top2[:, 1] - top2[:, 0] > SURE_MARGIN
     assert sure.sum() >= 8
