@@ -1,11 +1,11 @@
 """Tool calls in the text a local model generates, and grammars that make it write them well-formed.
 
 Contract: `CallParser` turns a model's raw text, fed in pieces of any size, into `protocol` events
-(`TextDelta`, `ToolUseStart`, `ToolInputDelta`) for the call formats small local models are trained
-on (`ToolFormat`: hermes, llama3, mistral, harmony, and our own generic one); `call_grammar`,
-`lazy_call_grammar`, `rest_of_call_grammar` and `json_grammar` build llama.cpp GBNF that forces one
-call (or a whole JSON reply) to be well-formed; `format_call` writes a call as a model would. It
-never loads a model, touches a socket or HTTP, or raises on anything a model writes.
+(`TextDelta`, `ToolUseStart`, `ToolInputDelta`) for the call formats local models are trained on
+(`ToolFormat`: hermes, llama3, mistral, harmony, DeepSeek V3 and R1, Kimi K2, and our own generic
+one); `call_grammar`, `lazy_call_grammar`, `rest_of_call_grammar` and `json_grammar` build llama.cpp
+GBNF that forces one call (or a whole JSON reply) to be well-formed; `format_call` writes a call as
+a model would. It never loads a model, touches a socket or HTTP, or raises on anything a model writes.
 
 The parser's guarantees, exactly:
 1. `ToolUseStart(name)` is emitted only when `name` is one of `tool_names` and everything from the
@@ -33,7 +33,7 @@ from llama_cpp.llama_grammar import SchemaConverter
 
 from protocol import MAX_JSON_DEPTH, TextDelta, ToolInputDelta, ToolUseStart
 
-FORMAT_NAMES = ("hermes", "llama3", "mistral", "harmony", "deepseek-v3", "deepseek-r1", "generic")
+FORMAT_NAMES = ("hermes", "llama3", "mistral", "harmony", "deepseek-v3", "deepseek-r1", "kimi-k2", "generic")
 # protocol.TOOL_NAME allows 128 characters, so a longer run of name characters names no tool.
 MAX_NAME_CHARS = 128
 # Python refuses to parse integers of more than 4300 digits (sys.int_info), so json.loads would fail
@@ -50,9 +50,12 @@ HEX = frozenset("0123456789abcdefABCDEF")
 # ---------------------------------------------------------------------------------------------------
 
 # A step pattern is a tuple of steps matched in order: a string matches itself (after optional JSON
-# whitespace when it starts with a space), and NAME matches a run of name characters that is one of
-# the tools' names. Patterns are how the parser reads the text around a call's arguments.
+# whitespace when it starts with a space), NAME matches a run of name characters that is one of the
+# tools' names, and DIGITS a run of 1 to MAX_INDEX_DIGITS digits (a call's index in its list).
+# Patterns are how the parser reads the text around a call's arguments.
 NAME = None
+DIGITS = 0
+MAX_INDEX_DIGITS = 4
 ARGS_OPEN = " {"  # every call's arguments are one JSON object
 
 
@@ -137,9 +140,20 @@ DEEPSEEK_R1 = ToolFormat("deepseek-r1", _DS_CALLS, _DS_CALL + "function" + _DS_S
                                 (" ```", " " + _DS_CALL_END, " " + _DS_CALLS_END)))
 
 
+# Kimi K2: `<|tool_calls_section_begin|>`, then per call `<|tool_call_begin|>functions.NAME:INDEX
+# <|tool_call_argument_begin|>{…}<|tool_call_end|>`, then `<|tool_calls_section_end|>`.
+_KIMI_CALL, _KIMI_ARGS, _KIMI_CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+KIMI_K2 = ToolFormat("kimi-k2", "<|tool_calls_section_begin|>", _KIMI_CALL + "functions.", ":0" + _KIMI_ARGS,
+                     _KIMI_CALL_END, "<|tool_calls_section_end|>", "",
+                     heads=((" " + _KIMI_CALL, "functions.", NAME, ":", DIGITS, _KIMI_ARGS),),
+                     after=((" " + _KIMI_CALL_END, " " + _KIMI_CALL, "functions.", NAME, ":", DIGITS, _KIMI_ARGS),
+                            (" " + _KIMI_CALL_END, " <|tool_calls_section_end|>")))
+
+
 # Text only one family's chat template contains; the first found names the format.
 TEMPLATE_MARKERS = (("<tool_call>", HERMES), ("[ARGS]", MISTRAL_ARGS), ("[TOOL_CALLS]", MISTRAL),
-                    ("<|channel|>", HARMONY), ("<|python_tag|>", LLAMA3), (_DS_CALLS, DEEPSEEK_V3))
+                    ("<|channel|>", HARMONY), ("<|python_tag|>", LLAMA3), (_DS_CALLS, DEEPSEEK_V3),
+                    ("<|tool_calls_section_begin|>", KIMI_K2))
 
 
 def detect_format(template_source):
@@ -181,6 +195,13 @@ def _step(state, ch, names):
     steps, i, j, name = state
     while i < len(steps):
         step = steps[i]
+        if step is DIGITS:
+            if ch.isdigit() and ch.isascii() and j < MAX_INDEX_DIGITS:
+                return steps, i, j + 1, name
+            if not j:
+                return None
+            i, j = i + 1, 0
+            continue
         if step is NAME:
             if ch in NAME_CHARS and len(name) < MAX_NAME_CHARS:
                 return steps, i, 0, name + ch

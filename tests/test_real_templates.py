@@ -123,14 +123,15 @@ def test_mistral_call_ids_are_nine_alphanumerics_the_same_in_every_turn():
     assert short and text.count(short[0]) == 2  # the call and its result
 
 
-SERVED = ("Cohere2MoE", "LFM2.5-8B-A1B", "deepseek-ai-DeepSeek-V3.1", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B")
+SERVED = ("Cohere2MoE", "LFM2.5-8B-A1B", "deepseek-ai-DeepSeek-V3.1", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+          "moonshotai-Kimi-K2")
 
 
 @pytest.fixture(scope="module")
 def served_templates(model_cache):
     """Templates written into the default GGUF and served: two the server once refused to start with
-    (`{% break %}` in Cohere2MoE, `{% generation %}` in LFM2.5), and two whose call formats are read
-    although they take no tool list (DeepSeek V3.1 and R1)."""
+    (`{% break %}` in Cohere2MoE, `{% generation %}` in LFM2.5), two whose call formats are read
+    although they take no tool list (DeepSeek V3.1 and R1), and Kimi K2's."""
     runs = {}
     for name in SERVED:
         engine = Engine(make_config(model=_default_model_with(model_cache, name.lower(), TEMPLATES[name])))
@@ -152,8 +153,9 @@ def test_a_gguf_with_such_a_template_starts_and_answers(served_templates, name):
 
 
 @pytest.mark.parametrize("name, fmt", [("deepseek-ai-DeepSeek-V3.1", "deepseek-v3"),
-                                       ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-r1")])
-def test_a_forced_call_in_deepseeks_own_format_comes_back_as_tool_use(served_templates, name, fmt):
+                                       ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-r1"),
+                                       ("moonshotai-Kimi-K2", "kimi-k2")])
+def test_a_forced_call_in_the_models_own_format_comes_back_as_tool_use(served_templates, name, fmt):
     running = served_templates[name]
     assert running.server.engine.template.tool_format.name == fmt
     client = sdk_client(running.url)

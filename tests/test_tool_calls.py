@@ -14,14 +14,15 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 import tool_calls
 from protocol import MAX_JSON_DEPTH, TextDelta, Tool, ToolInputDelta, ToolUseStart
-from tool_calls import (DEEPSEEK_R1, DEEPSEEK_V3, GENERIC, HARMONY, HARMONY_RECIPIENT_FIRST, HERMES, LLAMA3,
-                        MISTRAL, MISTRAL_ARGS,
+from tool_calls import (DEEPSEEK_R1, DEEPSEEK_V3, GENERIC, HARMONY, HARMONY_RECIPIENT_FIRST, HERMES, KIMI_K2,
+                        LLAMA3, MISTRAL, MISTRAL_ARGS,
                         CallParser, call_grammar, detect_format, format_call, json_grammar, lazy_call_grammar,
                         rest_of_call_grammar, template_supports_tools)
 
-FORMATS = [HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, HARMONY, HARMONY_RECIPIENT_FIRST, DEEPSEEK_V3, DEEPSEEK_R1, GENERIC]
+FORMATS = [HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, HARMONY, HARMONY_RECIPIENT_FIRST, DEEPSEEK_V3, DEEPSEEK_R1,
+           KIMI_K2, GENERIC]
 FORMAT_IDS = ["hermes", "llama3", "mistral", "mistral-args", "harmony", "harmony-recipient-first", "deepseek-v3",
-              "deepseek-r1", "generic"]
+              "deepseek-r1", "kimi-k2", "generic"]
 TOOLS = ["get_weather", "get_time"]
 # How models separate consecutive calls when each call carries its own open marker.
 SEPARATORS = {"hermes": "\n", "llama3": "; ", "harmony": "<|start|>assistant", "generic": "\n"}
@@ -65,7 +66,7 @@ def mistral_list(calls):
 
 
 def one_section(fmt, calls):
-    """DeepSeek's calls, all inside one pair of tool-calls markers."""
+    """DeepSeek's or Kimi's calls, all inside one pair of tool-calls markers."""
     return fmt.open_marker + "".join(fmt.name_prefix + name + fmt.args_prefix + json.dumps(args, ensure_ascii=False)
                                      + fmt.args_suffix for name, args in calls) + fmt.close_marker
 
@@ -73,7 +74,7 @@ def one_section(fmt, calls):
 def several(fmt, calls):
     if fmt is MISTRAL:
         return mistral_list(calls)
-    if fmt in (DEEPSEEK_V3, DEEPSEEK_R1):
+    if fmt in (DEEPSEEK_V3, DEEPSEEK_R1, KIMI_K2):
         return one_section(fmt, calls)
     return SEPARATORS.get(fmt.name, "").join(format_call(fmt, name, args) for name, args in calls)
 
@@ -107,6 +108,9 @@ SAMPLES = [
     ('I will check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n'
      '{"city": "Paris", "days": [1, 2], "unit": null}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function'
      '<｜tool▁sep｜>get_time\n```json\n{"tz": "Europe/Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>', DEEPSEEK_R1),
+    ('I will check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
+     '{"city": "Paris", "days": [1, 2], "unit": null}<|tool_call_end|><|tool_call_begin|>functions.get_time:1'
+     '<|tool_call_argument_begin|>{"tz": "Europe/Paris"}<|tool_call_end|><|tool_calls_section_end|>', KIMI_K2),
 ]
 
 
@@ -521,3 +525,10 @@ def test_a_permissive_call_grammar_accepts_any_call_format_call_writes(fmt, args
     if fmt.close_ends_generation:
         text = text[:len(text) - len(fmt.close_marker)]
     assert accepts(vocab, call_grammar(fmt, [Tool("f", "", {"type": "object"})]), text)
+
+
+def test_a_kimi_call_whose_index_is_not_digits_is_text():
+    text = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_time:x<|tool_call_argument_begin|>'
+            '{"tz": "UTC"}<|tool_call_end|><|tool_calls_section_end|>')
+    assert loaded(parse(KIMI_K2, [text])) == [("text", text)]
+    assert loaded(parse(KIMI_K2, list(text))) == [("text", text)]
