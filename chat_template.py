@@ -145,10 +145,10 @@ class ChatTemplate:
         tools = [_tool_json(t) for t in offered] if self.native_tools and offered else None
         refusal = None
         for fit in FITS:
-            fitted, fitted_tools = fit(turns, tools)
+            turns, tools = fit(turns, tools)  # each fit adds its change to those before it
             try:  # a copy each time: templates may append to and set what they are given
-                text = self._render(copy.deepcopy(fitted), fitted_tools if fitted_tools is ABSENT else
-                                    copy.deepcopy(fitted_tools), request.thinking)
+                text = self._render(copy.deepcopy(turns), tools if tools is ABSENT else copy.deepcopy(tools),
+                                    request.thinking)
             except Exception as exc:  # the template's own code refused (raise_exception or a failure)
                 refusal = refusal or exc
                 continue
@@ -275,7 +275,6 @@ def _strict_roles(turns, tools):
     """For templates with no system role (Gemma 2) or strict alternation (Mistral): the system text
     opens the first user turn, user text right after tool results joins the last result, and
     adjacent turns of one role become one."""
-    turns, tools = _tools_absent_when_none(turns, tools)
     if turns and turns[0]["role"] == "system":
         system, turns = turns[0]["content"], turns[1:]
         at = next((i for i, t in enumerate(turns) if t["role"] == "user"), None)
@@ -300,8 +299,6 @@ def _strict_roles(turns, tools):
 def _short_call_ids(turns, tools):
     """For templates that demand call ids of nine letters and digits (Mistral): each id replaced by
     the same nine hex digits of its hash wherever it appears, so every turn maps it alike."""
-    turns, tools = _strict_roles(turns, tools)
-
     def short(call_id):
         return hashlib.sha256(call_id.encode()).hexdigest()[:9]
     turns = [{**t, "tool_calls": [{**c, "id": short(c["id"])} for c in t["tool_calls"]]} if t.get("tool_calls")
@@ -312,7 +309,6 @@ def _short_call_ids(turns, tools):
 def _arguments_as_strings(turns, tools):
     """For templates that concatenate a call's arguments as text (functionary): JSON strings, and
     each tool's fields also at the top level of its entry, where some templates read them."""
-    turns, tools = _short_call_ids(turns, tools)
     turns = [{**t, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
         c["function"]["arguments"], ensure_ascii=False)}} for c in t["tool_calls"]]} if t.get("tool_calls") else t
              for t in turns]
@@ -321,7 +317,7 @@ def _arguments_as_strings(turns, tools):
     return turns, tools
 
 
-# How a conversation is fitted to a template that refuses it, most faithful first; each keeps what
-# the one before it did. Each request starts from the first: history only grows, so what made one
-# turn need a fit holds for the next turns too, and they still extend it.
+# How a conversation is fitted to a template that refuses it, most faithful first; each is applied
+# on top of those before it. Each request starts from the first: history only grows, so what made
+# one turn need a fit holds for the next turns too, and they still extend it.
 FITS = (_as_given, _tools_absent_when_none, _strict_roles, _short_call_ids, _arguments_as_strings)

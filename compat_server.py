@@ -269,7 +269,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_api_error(exc)
         except (ClientGone, ConnectionError) as exc:
             self.close_connection = True
-            if self.server.cancel_all.is_set() or isinstance(exc, EngineClosed):
+            if self._for_shutdown(exc):
                 self._answer_shutdown()
             else:
                 log.info("%s: client disconnected%s", self.request_id,
@@ -314,6 +314,11 @@ class Handler(BaseHTTPRequestHandler):
                 dropped += len(chunk)
         except OSError:
             pass
+
+    def _for_shutdown(self, exc):
+        """Whether a request ended because the server is stopping (its grace period over, or the
+        engine closed), not because its client left."""
+        return self.server.cancel_all.is_set() or isinstance(exc, EngineClosed)
 
     def _answer_shutdown(self):
         log.info("%s: cancelled: the server is shutting down", self.request_id)
@@ -392,7 +397,7 @@ class Handler(BaseHTTPRequestHandler):
                     sse.close()  # the stream ends here; keeping the prompt state comes after
         except ClientGone as exc:
             self.close_connection = True
-            if self.server.cancel_all.is_set() or isinstance(exc, EngineClosed):
+            if self._for_shutdown(exc):
                 log.info("%s: stream cancelled: the server is shutting down", self.request_id)
                 sse.fail("overloaded_error", "The server is shutting down; retry shortly")
             else:

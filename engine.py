@@ -298,8 +298,6 @@ class Engine:
         self._disk = DiskStates(config.cache_dir, config.cache_disk * 1024 * 1024, model_identity(model_path),
                                 idle=self._turns.idle, cuts_back=not self._checkpoints) if (
             config.cache_dir and config.cache_disk > 0) else None
-        self._closing = threading.Event()
-        self._closing_lock = threading.Lock()
         self._tokenizing = threading.Lock()  # tokenizing runs outside the turns; close() frees under it
         self._freed = False
         # a generation still running when the interpreter exits crashes it (llama.cpp's memory is
@@ -354,8 +352,7 @@ class Engine:
     def _tokenize_prompt(self, text):
         with self._tokenizing:
             if self._freed:
-                raise ApiError(529, "overloaded_error", "Overloaded: the server is shutting down",
-                               headers=[("retry-after", "2")])
+                raise _shutting_down()
             tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         if self._bos >= 0 and (not tokens or tokens[0] != self._bos):
             tokens.insert(0, self._bos)
@@ -369,7 +366,7 @@ class Engine:
         """Wait for the model, evaluate what the KV cache lacks, sample until a stop; yield events.
         Raises ClientGone when `cancelled()` (or close()) stops it; the model is free again either way."""
         def stopped():
-            return self._closing.is_set() or cancelled()
+            return self._turns.closing or cancelled()
 
         try:
             self._turns.acquire(ticket, stopped)
@@ -377,7 +374,7 @@ class Engine:
             yield from self._sample(prompt, sampling, stopped, reused)
             self._persist(len(prompt.tokens) - reused)  # after the answer, so it never delays one
         except ClientGone:
-            if self._closing.is_set():
+            if self._turns.closing:
                 raise EngineClosed() from None
             raise
         finally:
@@ -529,15 +526,8 @@ class Engine:
         tokens = tuple(self._kv_tokens)
         if len(tokens) < CACHE_MIN_TOKENS:
             return
-        if tokens in self._states:
-            self._last_checkpoint = tokens, self._states.get(tokens)
-            return
-        size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
-        to_disk = self._disk is not None and self._disk.enabled and len(tokens) >= DISK_MIN_EVALUATED
-        data = self._copy_state(size) if size <= self._states.budget or to_disk else None
+        data = self._keep_live(for_disk=len(tokens) >= DISK_MIN_EVALUATED)
         if data is not None:
-            if size <= self._states.budget:
-                self._states.put(tokens, data)
             self._last_checkpoint = tokens, data
 
     def _persist(self, evaluated):
@@ -554,29 +544,33 @@ class Engine:
             if checkpoint is not None:
                 self._disk.put(*checkpoint)
             return
-        data = self._copy_state()
+        data = self._keep_live(for_disk=True)
         if data is not None:
-            tokens = tuple(self._kv_tokens)
-            self._disk.put(tokens, data)
-            if len(data) <= self._states.budget:
-                self._states.put(tokens, data)
+            self._disk.put(tuple(self._kv_tokens), data)
 
     def _save_live(self, keep):
         """Before a cut throws away much of the live state (a side request, another conversation),
         keep a copy so that returning to it costs a restore, not an evaluation."""
-        if len(self._kv_tokens) - keep < CACHE_MIN_TOKENS or tuple(self._kv_tokens) in self._states:
-            return
-        size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
-        if size <= self._states.budget:
-            data = self._copy_state(size)
-            if data is not None:
-                self._states.put(tuple(self._kv_tokens), data)
+        if len(self._kv_tokens) - keep >= CACHE_MIN_TOKENS:
+            self._keep_live()
 
-    def _copy_state(self, size=None):
-        """The live state's bytes (`size`: llama_state_seq_get_size's answer, when already asked)."""
-        size = size or llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+    def _keep_live(self, for_disk=False):
+        """The live state's bytes, kept in the RAM tier when they fit its budget (a state it holds
+        already is not copied again); copied even when they do not if `for_disk` and the disk tier is
+        on. None when no copy was made or llama.cpp gave none."""
+        tokens = tuple(self._kv_tokens)
+        if tokens in self._states:
+            return self._states.get(tokens)
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+        fits = size <= self._states.budget
+        if not fits and not (for_disk and self._disk is not None and self._disk.enabled):
+            return None
         data = (ctypes.c_uint8 * size)()
-        return data if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, 0) == size else None
+        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, 0) != size:
+            return None
+        if fits:
+            self._states.put(tokens, data)
+        return data
 
     def _restore(self, tokens, data):
         memory = llama_cpp.llama_get_memory(self._ctx)
@@ -623,11 +617,8 @@ class Engine:
         """Cancel what is in flight, wait for the prompt state being written to disk (so that stopping
         the server right after a long first turn still leaves it for the next start), and free the
         model. Requests after this end as if their client had left, or 529 before they are admitted."""
-        with self._closing_lock:
-            if self._closing.is_set():
-                return
-            self._closing.set()
-        self._turns.closing = True
+        if not self._turns.close():
+            return  # closed already, or closing in another thread
         self._cpu.stop()
         # the writer works only while the model is idle; llama.cpp must not be freed under a thread
         # still inside it, and one that never lets go is left to the process's end
@@ -654,6 +645,11 @@ def prompt_batches(start, end, mark=None):
     return zip([start] + ends, ends)
 
 
+def _shutting_down():
+    return ApiError(529, "overloaded_error", "Overloaded: the server is shutting down",
+                    headers=[("retry-after", "2")])
+
+
 def _close_at_exit(engine_ref):
     engine = engine_ref()
     if engine is not None:
@@ -675,12 +671,11 @@ class Turns:
         self._holder = None
         self.idle = threading.Event()  # set while no one holds or waits for the model
         self.idle.set()
-        self.closing = False  # the engine is closing: no new place in the queue
+        self.closing = False  # the engine is closing: no new place in the queue, waiting ends
 
     def reserve(self):
         if self.closing:
-            raise ApiError(529, "overloaded_error", "Overloaded: the server is shutting down",
-                           headers=[("retry-after", "2")])
+            raise _shutting_down()
         with self._cond:
             idle = self._holder is None and not self._queue
             if not idle and len(self._queue) >= self.max_queue:
@@ -701,6 +696,12 @@ class Turns:
                     return
                 self._cond.wait(0.1)
         raise ClientGone()
+
+    def close(self):
+        """Set `closing`; True for the one caller that set it."""
+        with self._cond:
+            first, self.closing = not self.closing, True
+            return first
 
     def hold_for_good(self, timeout):
         """Take the model once no one holds or waits for it, and never give it back (closing: those

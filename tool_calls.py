@@ -548,8 +548,8 @@ def marker_start_at_end(text, markers):
     >>> marker_start_at_end("say <tool_ca", ["<tool_call>"]), marker_start_at_end("a <b", ["<tool_call>"])
     (8, 0)
     """
-    return max((n for marker in markers for n in range(1, min(len(marker), len(text) + 1))
-                if text.endswith(marker[:n])), default=0)
+    return max((next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:n])), 0)
+                for marker in markers), default=0)
 
 
 def call_grammar(fmt, tools, forced_name=None, any_arguments=False):
