@@ -16,7 +16,7 @@ from engine import ClientGone, Engine, EngineClosed, Turns
 from protocol import ApiError, Finish, TextDelta
 from test_cache import run
 from sse_grammar import dechunk, sse_events
-from test_http import BODY, Reader, assert_error, post
+from test_http import BODY, Reader, assert_error, exchange, post
 
 FINISH = Finish("end_turn", None, 3, 0, 1)
 
@@ -263,3 +263,14 @@ def test_close_cancels_the_request_in_flight_then_refuses_new_ones():
     with pytest.raises(ApiError) as refused:
         run(engine, "Hello")
     assert refused.value.status == 529
+
+
+def test_requests_the_engine_cancels_as_it_closes_are_answered_as_a_shutdown():
+    """EngineClosed (close() while a request runs) is the server stopping, not the client leaving."""
+    running = scripted_server([TextDelta("x"), EngineClosed()])
+    try:
+        assert_error(exchange(running, post("/v1/messages", BODY)), 529, "overloaded_error")
+        _, _, body = exchange(running, post("/v1/messages", {**BODY, "stream": True}))
+        assert sse_events(body)[-1]["error"]["type"] == "overloaded_error"
+    finally:
+        running.stop()
