@@ -77,11 +77,13 @@ def test_tool_choice_none_produces_no_call(client):
 
 def test_structured_output_always_parses_and_has_the_required_fields(client):
     # maxLength: a 135M model can ramble inside a string until max_tokens; the grammar enforces the bound
+    # (and at most 16 digits for an integer). 60 characters can still be 60 emoji of up to 4 tokens each
+    # (seen: the reply was cut inside the number at 200 tokens), so max_tokens leaves room for that.
     schema = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 60},
                                                "words": {"type": "integer"}},
               "required": ["title", "words"], "additionalProperties": False}
     for stream in (False, True):
-        body = dict(model="m", max_tokens=200, messages=[{"role": "user", "content": "Title for a chat about cats?"}],
+        body = dict(model="m", max_tokens=400, messages=[{"role": "user", "content": "Title for a chat about cats?"}],
                     output_config={"format": {"type": "json_schema", "schema": schema}})
         if stream:
             with client.messages.stream(**body) as s:
