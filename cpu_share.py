@@ -3,8 +3,10 @@
 Contract: `CpuShare.threads()` answers, for generation and for prompt evaluation, a thread count
 between 1 and the configured limit: the limit while the machine's other processes leave the cores
 free, fewer while they use them. A daemon thread reads Linux's /proc/stat and this process's own CPU
-time every SAMPLE_SECONDS; where /proc/stat is missing it always answers the limit. It never touches the
-model: the engine applies the answer (llama_set_n_threads) before each llama_decode.
+time every SAMPLE_SECONDS; where /proc/stat is missing it always answers the limit. `recheck()`, called
+as a request starts, gives the cores back at once when the load the last reading saw has already
+ended (no thread of another process is runnable now). It never touches the model: the engine applies
+the answer (llama_set_n_threads) before each llama_decode.
 
 Why: llama.cpp's OpenMP threads wait for each other at every operation, spinning. Alone, spinning is
 the fastest way to wait (passive waiting made decoding 4x slower here). When another process holds a
@@ -20,9 +22,16 @@ import time
 # Seconds between two readings of the machine's load: short enough to follow a build starting in the
 # middle of an answer, long enough that the reading is not noise.
 SAMPLE_SECONDS = 0.5
+# The shortest window a reading is taken over (/proc/stat counts in 10 ms ticks).
+MIN_WINDOW = 0.1
 # Cores' worth of CPU other processes must use before a core counts as taken (an editor's or a
 # browser's background work should not halve the speed).
 TAKEN_CORE = 0.5
+# An instant's count of runnable threads also catches the client that just sent the request, and the
+# kernel's own threads passing the packets: only a thread seen in every one of a few readings over
+# a couple of milliseconds counts as load that goes on.
+RECHECK_READINGS = 4
+RECHECK_GAP = 0.0005
 
 
 def free_threads(limit, cores, others):
@@ -45,6 +54,21 @@ def _read_busy_seconds():
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _runnable_elsewhere():
+    """Threads of other processes runnable at this instant (the kernel's count of runnable threads,
+    less this process's own), or None without /proc."""
+    try:
+        with open("/proc/loadavg") as f:
+            runnable = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/stat") as f:
+                own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, runnable - own)
 
 
 _clock = time.monotonic
@@ -82,14 +106,31 @@ class CpuShare:
         if now is None or self._last is None:
             return self._others
         wall, busy, own = (b - a for a, b in zip(self._last, now))
-        if wall > 0:
-            self._others = max(0.0, (busy - own) / wall)
+        if wall < MIN_WINDOW:
+            return self._others  # busy time comes in clock ticks: over a shorter window it is noise
+        self._others = max(0.0, (busy - own) / wall)
         self._last = now
         return self._others
 
     def _sample_forever(self):
         while not self._stopped.wait(SAMPLE_SECONDS):
             self.sample()
+
+    def recheck(self):
+        """A request starts: a burst of other work that ended within the last reading (a client
+        building its request, another process's answer) must not slow it down until the next one.
+        Only ever gives cores back; load that goes on is seen at the next reading."""
+        if self._last is None or self._others < TAKEN_CORE:
+            return
+        now = None
+        for _ in range(RECHECK_READINGS):
+            now = _runnable_elsewhere()
+            if now is None or now == 0:
+                break
+            time.sleep(RECHECK_GAP)
+        if now is not None and now < self._others:
+            # the next reading measures from here, without the load that has ended
+            self._others, self._last = float(now), self._reading()
 
     def stop(self):
         self._stopped.set()

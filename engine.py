@@ -387,9 +387,10 @@ class Engine:
         The cache is kept consistent batch by batch, so a cancelled evaluation still leaves a prefix
         a retry of the same request can reuse.
         """
+        self._cpu.recheck()
         reused = self._reuse_prefix(tokens[:-1])
         self._last_checkpoint = None
-        mark = len(tokens) - CHECKPOINT_BACK if self._checkpoints else None
+        mark = self._checkpoint_at(len(tokens), reused)
         for start, end in prompt_batches(reused, len(tokens), mark):
             if cancelled():
                 raise ClientGone()
@@ -519,10 +520,19 @@ class Engine:
             live = common_prefix(restore, target) if self._restore(restore, data) else 0
         return self._cut(live)
 
+    def _checkpoint_at(self, length, reused):
+        """Where the state of a prompt of `length` tokens is kept while it is evaluated (None:
+        nowhere). On a memory that cannot be cut back anywhere, CHECKPOINT_BACK tokens before its end.
+        On plain attention at its end, when enough of it is evaluated to be worth keeping: the copy
+        costs a small part of that evaluation there, while after the answer the next request would
+        wait for it (a side request's cut would otherwise make it)."""
+        if self._checkpoints:
+            return length - CHECKPOINT_BACK
+        return length if length - reused >= CACHE_MIN_TOKENS else None
+
     def _checkpoint(self):
-        """On a memory that cannot be cut back anywhere, the prompt's state just before its last
-        CHECKPOINT_BACK tokens, kept in RAM (and `_last_checkpoint`) before the answer moves the
-        live state past it."""
+        """The prompt's state at the mark, kept in RAM (and `_last_checkpoint`, for the disk) before
+        the answer moves the live state past it."""
         tokens = tuple(self._kv_tokens)
         if len(tokens) < CACHE_MIN_TOKENS:
             return
@@ -531,27 +541,21 @@ class Engine:
             self._last_checkpoint = tokens, data
 
     def _persist(self, evaluated):
-        """A prompt that took long to evaluate is worth keeping across restarts: its state is copied
-        out here, after the answer (the only part that holds the model), and written to disk in the
-        background. The same copy serves the RAM tier, so a side request next need not copy it again.
-        Where the memory keeps checkpoints, the prompt's checkpoint is what is written: the state
-        after the answer could not be cut back to it."""
+        """A prompt that took long to evaluate is worth keeping across restarts: its checkpoint,
+        copied while it was evaluated, is written to disk in the background. Nothing is copied here,
+        after the answer, where the next request would wait for it."""
         # its bytes belong to the tiers from now on, within their budgets
         checkpoint, self._last_checkpoint = self._last_checkpoint, None
-        if self._disk is None or not self._disk.enabled or evaluated < DISK_MIN_EVALUATED:
-            return
-        if self._checkpoints:
-            if checkpoint is not None:
-                self._disk.put(*checkpoint)
-            return
-        data = self._keep_live(for_disk=True)
-        if data is not None:
-            self._disk.put(tuple(self._kv_tokens), data)
+        if checkpoint is not None and self._disk is not None and self._disk.enabled and (
+                evaluated >= DISK_MIN_EVALUATED):
+            self._disk.put(*checkpoint)
 
     def _save_live(self, keep):
         """Before a cut throws away much of the live state (a side request, another conversation),
-        keep a copy so that returning to it costs a restore, not an evaluation."""
-        if len(self._kv_tokens) - keep >= CACHE_MIN_TOKENS:
+        keep a copy so that returning to it costs a restore, not an evaluation; none when a saved
+        state (the prompt's checkpoint, usually) already holds all but a cheap tail of it."""
+        tokens = tuple(self._kv_tokens)
+        if len(tokens) - max(keep, self._states.longest_prefix(tokens)[1]) >= CACHE_MIN_TOKENS:
             self._keep_live()
 
     def _keep_live(self, for_disk=False):

@@ -43,14 +43,28 @@ def test_returning_to_a_conversation_after_another_restores_its_saved_state(engi
     assert text == expected
 
 
+def test_a_side_request_right_after_a_long_prompt_copies_no_state(engine, monkeypatch):
+    """The prompt's state is copied while it is evaluated; the side request's cut then finds it
+    saved and copies nothing, so nothing sits between it and its first token."""
+    expected, _ = fresh(engine, STORY + " Who is Tom?")
+    run(engine, STORY)
+    copies = []
+    real_copy = engine_module.llama_cpp.llama_state_seq_get_data
+    monkeypatch.setattr(engine_module.llama_cpp, "llama_state_seq_get_data",
+                        lambda *args: copies.append(args) or real_copy(*args))
+    run(engine, "What is the capital of France?")
+    text, finish = run(engine, STORY + " Who is Tom?")
+    assert copies == []
+    assert finish.cache_read_input_tokens > 600 and text == expected
+
+
 def test_a_cancelled_prompt_evaluation_leaves_a_prefix_that_a_retry_reuses(engine):
     engine._forget()
-    long_story = STORY + " " + STORY
-    calls = []
+    # a story no saved state begins with: what the retry reuses can only be what the cut left
+    long_story = "Another story. " + STORY + " " + STORY
 
     def cancel_after_first_batch():
-        calls.append(1)
-        return len(calls) > 1
+        return len(engine._kv_tokens) > 0
     with pytest.raises(ClientGone):
         run(engine, long_story, cancelled=cancel_after_first_batch)
     _, finish = run(engine, long_story)

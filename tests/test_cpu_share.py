@@ -49,3 +49,26 @@ def test_a_real_reading_is_between_none_and_all_of_the_cores():
     share = CpuShare(1, 1)
     for _ in itertools.repeat(None, 2):
         assert 0.0 <= share.sample() <= (cpu_share.usable_cores() + 1)
+
+
+def test_a_request_after_a_burst_that_ended_gets_the_cores_back_at_once(machine, monkeypatch):
+    share = CpuShare(2, 2)
+    machine(0.5, own_cores=0.0, other_cores=1.9)  # another process's answer, finished just now
+    share.sample()
+    assert share.threads() == (1, 1)
+    monkeypatch.setattr(cpu_share, "_runnable_elsewhere", lambda: 0)
+    share.recheck()
+    assert share.threads() == (2, 2)
+
+
+def test_a_load_that_goes_on_keeps_its_core_at_a_recheck(machine, monkeypatch):
+    share = CpuShare(2, 2)
+    machine(0.5, own_cores=1.0, other_cores=1.0)  # a busy loop, still runnable
+    share.sample()
+    monkeypatch.setattr(cpu_share, "_runnable_elsewhere", lambda: 1)
+    share.recheck()
+    assert share.threads() == (1, 1)
+
+
+def test_a_real_runnable_count_is_a_count():
+    assert cpu_share._runnable_elsewhere() >= 0
