@@ -426,6 +426,8 @@ class Engine:
         # formats whose markers are special tokens ([TOOL_CALLS], harmony's <|channel|>…) must see them
         # as text: calls only when tools are offered, harmony's reasoning in every reply
         special = reply.tool_format not in (None, GENERIC) or (fmt is not None and fmt.special)
+        piece = self._reply_pieces(special, (*prompt.stop_sequences, *prompt.end_strings, *(
+            reply.tool_format.literals() if reply.tool_format else ()), *(fmt.markers() if fmt else ())))
         try:
             room = self.n_ctx - len(prompt.tokens)
             limit = min(sampling.max_tokens, room)
@@ -443,7 +445,7 @@ class Engine:
                     stop_reason = "end_turn"
                     break
                 thinking = reader.thinking
-                events, hit = reader.feed(decoder.decode(self._piece(token, special)))
+                events, hit = reader.feed(decoder.decode(piece(token)))
                 yield from events
                 if hit is not None:
                     stop_reason, stop_sequence = ("stop_sequence", hit) if hit in prompt.stop_sequences else (
@@ -465,6 +467,23 @@ class Engine:
             yield Finish(stop_reason, stop_sequence, len(prompt.tokens) - reused, reused, produced)
         finally:
             llama_cpp.llama_sampler_free(sampler)
+
+    def _reply_pieces(self, special, literals):
+        """The reply's bytes per token. Where the reader must see markers that are control tokens,
+        a control token shows its text only when that text is part of a marker the reader looks for;
+        the others (Cohere's <|START_RESPONSE|>, say) stay out of the answer, as they do everywhere else."""
+        if not special:
+            return self._piece
+        shown = {}
+
+        def piece(token):
+            show = shown.get(token)
+            if show is None:
+                text = self._piece(token, True).decode("utf-8", "replace")
+                show = shown[token] = not llama_cpp.llama_vocab_is_control(self._vocab, token) or any(
+                    text in literal for literal in literals)
+            return self._piece(token, show)
+        return piece
 
     def _close_reasoning(self, sampler, close, room):
         """At the thinking budget, write the end of the reasoning section into the context as if the

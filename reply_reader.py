@@ -68,6 +68,9 @@ class ReasoningFormat:
         if any(a != b and b in a for a in markers for b in markers):
             raise ValueError("a reasoning marker contains another one")
 
+    def markers(self):
+        return (self.open, self.close, *self.headers)
+
     def opened_by(self, prompt_text):
         """Whether a rendered prompt ends inside the reasoning (DeepSeek-R1 style generation prompts)."""
         return prompt_text.rstrip().endswith(self.open)

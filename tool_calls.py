@@ -2,10 +2,11 @@
 
 Contract: `CallParser` turns a model's raw text, fed in pieces of any size, into `protocol` events
 (`TextDelta`, `ToolUseStart`, `ToolInputDelta`) for the call formats local models are trained on
-(`ToolFormat`: hermes, llama3, mistral, harmony, DeepSeek V3 and R1, Kimi K2, and our own generic
-one); `call_grammar`, `lazy_call_grammar`, `rest_of_call_grammar` and `json_grammar` build llama.cpp
-GBNF that forces one call (or a whole JSON reply) to be well-formed; `format_call` writes a call as
-a model would. It never loads a model, touches a socket or HTTP, or raises on anything a model writes.
+(`ToolFormat`: hermes, llama3, mistral, harmony, DeepSeek V3 and R1, Kimi K2, Granite 3, Phi-4-mini,
+Nemotron, functionary v3.1, Command-R and R7B, Apertus, and our own generic one); `call_grammar`,
+`lazy_call_grammar`, `rest_of_call_grammar` and `json_grammar` build llama.cpp GBNF that forces one
+call (or a whole JSON reply) to be well-formed; `format_call` writes a call as a model would. It
+never loads a model, touches a socket or HTTP, or raises on anything a model writes.
 
 The parser's guarantees, exactly:
 1. `ToolUseStart(name)` is emitted only when `name` is one of `tool_names` and everything from the
@@ -20,7 +21,8 @@ The parser's guarantees, exactly:
    `protocol.MAX_JSON_DEPTH`, or cut by `finish()`) are closed on what was valid so far (an open
    string and open brackets get closed) and everything after is dropped (`done` turns true).
 3. When no call is emitted, the `TextDelta`s concatenate to exactly the text fed. Whitespace between
-   text and a call, and between calls, is dropped, so it never becomes a text block of its own.
+   text and a call, and between calls, is dropped, so it never becomes a text block of its own; so
+   is a close marker that generation ends inside, after a complete call.
 4. With `parallel=False`, everything after the first complete call is dropped.
 """
 
@@ -33,7 +35,8 @@ from llama_cpp.llama_grammar import SchemaConverter
 
 from protocol import MAX_JSON_DEPTH, TextDelta, ToolInputDelta, ToolUseStart
 
-FORMAT_NAMES = ("hermes", "llama3", "mistral", "harmony", "deepseek-v3", "deepseek-r1", "kimi-k2", "generic")
+FORMAT_NAMES = ("hermes", "llama3", "mistral", "harmony", "deepseek-v3", "deepseek-r1", "kimi-k2", "granite",
+                "phi-4-mini", "nemotron", "functionary-v3.1", "command-r", "command-r7b", "apertus", "generic")
 # protocol.TOOL_NAME allows 128 characters, so a longer run of name characters names no tool.
 MAX_NAME_CHARS = 128
 # Python refuses to parse integers of more than 4300 digits (sys.int_info), so json.loads would fail
@@ -73,7 +76,7 @@ class ToolFormat:
     args_prefix: str
     args_suffix: str
     close_marker: str
-    args_key: str  # the key holding the arguments ("" when they are not inside a JSON object)
+    args_key: str  # the key holding the arguments ("" when no fixed key does)
     heads: tuple  # alternatives from the open marker up to the arguments
     after: tuple  # alternatives after a call: its close, or (with NAME) the next call of a list
     lead_ins: tuple = ()  # text dropped when it comes right before the open marker
@@ -84,9 +87,16 @@ class ToolFormat:
         if self.name not in FORMAT_NAMES:
             raise ValueError(f"unknown tool-call format {self.name!r}")
 
+    def literals(self):
+        """Every fixed text of the format and its variants, as a tuple."""
+        steps = (step.lstrip(" ") for pattern in self.heads + self.after for step in pattern if isinstance(step, str))
+        own = (self.open_marker, self.name_prefix, self.args_prefix, self.args_suffix, self.close_marker,
+               *self.lead_ins, *steps)
+        return tuple(dict.fromkeys(text for text in own if text)) + sum((v.literals() for v in self.variants), ())
 
-def _json_head(key):
-    return (" {", ' "name"', " :", ' "', NAME, '"', " ,", f' "{key}"', " :")
+
+def _json_head(key, name_key="name"):
+    return (" {", f' "{name_key}"', " :", ' "', NAME, '"', " ,", f' "{key}"', " :")
 
 
 HERMES = ToolFormat("hermes", "<tool_call>", '\n{"name": "', '", "arguments": ', "}", "\n</tool_call>",
@@ -150,10 +160,49 @@ KIMI_K2 = ToolFormat("kimi-k2", "<|tool_calls_section_begin|>", _KIMI_CALL + "fu
                             (" " + _KIMI_CALL_END, " <|tool_calls_section_end|>")))
 
 
-# Text only one family's chat template contains; the first found names the format.
+# Granite 3.x: `<|tool_call|>`, then a JSON list of {"name", "arguments"} objects and nothing after it.
+# Its models also write the objects without the list, as Ollama's Granite templates show earlier calls.
+_NAME_ARGS = _json_head("arguments")
+GRANITE = ToolFormat("granite", "<|tool_call|>", '[{"name": "', '", "arguments": ', "}", "]", "arguments",
+                     heads=((" [",) + _NAME_ARGS, _NAME_ARGS), after=((" ,",) + _NAME_ARGS, (" ]",)))
+# Phi-4-mini: the same, closed by `<|/tool_call|>`. The Berkeley function-calling leaderboard's Phi
+# handler records that it often leaves that close out, and sometimes the list.
+PHI4_MINI = ToolFormat("phi-4-mini", "<|tool_call|>", '[{"name": "', '", "arguments": ', "}", "]<|/tool_call|>",
+                       "arguments", heads=GRANITE.heads,
+                       after=((" ,",) + _NAME_ARGS, (" ]", " <|/tool_call|>"), (" <|/tool_call|>",)))
+NEMOTRON = ToolFormat("nemotron", "<TOOLCALL>", '[{"name": "', '", "arguments": ', "}", "]</TOOLCALL>",
+                      "arguments", heads=((" [",) + _NAME_ARGS,),
+                      after=((" ,",) + _NAME_ARGS, (" ]", " </TOOLCALL>")))
+# functionary v3.1: `<function=NAME>{…}</function>`, one after another.
+FUNCTIONARY_V31 = ToolFormat("functionary-v3.1", "<function=", "", ">", "", "</function>", "",
+                             heads=((NAME, ">"),), after=((" </function>",),))
+# Command-R/R+: `Action:`, then a json code fence around a list of {"tool_name", "parameters"}.
+# Command R7B and Cohere's later models: the list between `<|START_ACTION|>` and `<|END_ACTION|>`, each
+# call numbered first by a "tool_call_id" (their instructions leave it out, so both are read).
+_TOOL_PARAMS = _json_head("parameters", "tool_name")
+COMMAND_R = ToolFormat("command-r", "Action:", '\n```json\n[{"tool_name": "', '", "parameters": ', "}",
+                       "]\n```", "parameters", heads=((" ```json", " [") + _TOOL_PARAMS,),
+                       after=((" ,",) + _TOOL_PARAMS, (" ]", " ```")))
+_ID_TOOL_PARAMS = (" {", ' "tool_call_id"', " :", ' "', DIGITS, '"', " ,") + _TOOL_PARAMS[1:]
+COMMAND_R7B = ToolFormat("command-r7b", "<|START_ACTION|>", '[{"tool_call_id": "0", "tool_name": "',
+                         '", "parameters": ', "}", "]<|END_ACTION|>", "parameters",
+                         heads=((" [",) + _ID_TOOL_PARAMS, (" [",) + _TOOL_PARAMS),
+                         after=((" ,",) + _ID_TOOL_PARAMS, (" ,",) + _TOOL_PARAMS, (" ]", " <|END_ACTION|>")))
+# Apertus: each call is an object whose one key is the tool's name: `[{"NAME": {…}}, …]`.
+_NAME_KEY = (" {", ' "', NAME, '"', " :")
+APERTUS = ToolFormat("apertus", "<|tools_prefix|>", '[{"', '": ', "}", "]<|tools_suffix|>", "",
+                     heads=((" [",) + _NAME_KEY,), after=((" ,",) + _NAME_KEY, (" ]", " <|tools_suffix|>")))
+
+
+# Text only one family's chat template contains; the first found names the format. Phi-4-mini's own
+# template only wraps the tool list in `<|tool|>`…`<|/tool|>`; templates written for its calls show
+# `<|tool_call|>`…`<|/tool_call|>`. R7B's template also says "Action:".
 TEMPLATE_MARKERS = (("<tool_call>", HERMES), ("[ARGS]", MISTRAL_ARGS), ("[TOOL_CALLS]", MISTRAL),
-                    ("<|channel|>", HARMONY), ("<|python_tag|>", LLAMA3), (_DS_CALLS, DEEPSEEK_V3),
-                    ("<|tool_calls_section_begin|>", KIMI_K2))
+                    ("<|channel|>", HARMONY), ("<function=", FUNCTIONARY_V31), ("<|python_tag|>", LLAMA3),
+                    (_DS_CALLS, DEEPSEEK_V3), ("<|tool_calls_section_begin|>", KIMI_K2),
+                    ("<|/tool_call|>", PHI4_MINI), ("<|tool|>", PHI4_MINI), ("<|tool_call|>", GRANITE),
+                    ("<TOOLCALL>", NEMOTRON), ("<|START_ACTION|>", COMMAND_R7B), ("<|tools_prefix|>", APERTUS),
+                    ("Action:", COMMAND_R))
 
 
 def detect_format(template_source):
@@ -166,6 +215,10 @@ def detect_format(template_source):
     fmt = next((fmt for marker, fmt in TEMPLATE_MARKERS if marker in source), GENERIC)
     if fmt is DEEPSEEK_V3 and "```json" in source:
         return DEEPSEEK_R1
+    # Qwen3-Coder-style templates (Seed-OSS) write `<function=NAME>` too, with each argument in a
+    # `<parameter=…>` tag rather than a JSON object
+    if fmt is FUNCTIONARY_V31 and "<parameter=" in source:
+        return GENERIC
     # Llama 3.2's template has no python tag, only the ipython role and "parameters"
     return LLAMA3 if fmt is GENERIC and "ipython" in source and "parameters" in source else fmt
 
@@ -393,6 +446,8 @@ class CallParser:
     def finish(self):
         """The end of generation: a call not yet started is text, a call cut short is closed."""
         events = []
+        if self._mode == "steps" and self._steps_after_call and any(NAME not in s[0] for s in self._live):
+            self._mode = "done"  # a call's close cut off is not text: Phi-4-mini often stops before its own
         while self._mode == "steps":
             self._run(self._give_up(), events)
         if self._mode == "text" and self._pending:

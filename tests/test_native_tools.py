@@ -4,6 +4,7 @@ the real Hermes parser."""
 
 import json
 
+import llama_cpp
 import pytest
 
 from conftest import Running, make_config
@@ -62,3 +63,15 @@ def test_a_streamed_call_and_a_tool_result_round_trip(client, tool_engine):
     answer = client.messages.create(model="m", max_tokens=40, tools=[WEATHER], messages=history,
                                     tool_choice={"type": "none"})
     assert answer.content[0].type == "text"
+
+
+def test_a_control_token_shows_its_text_only_when_a_marker_the_reader_looks_for_holds_it(engine):
+    """Where a format's markers are control tokens the reply is read with them as text; other control
+    tokens (Cohere's response markers, here ChatML's) stay out of the answer as they would otherwise."""
+    im_start = engine._llm.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    hello = engine._llm.tokenize(b"hello", add_bos=False)
+    assert len(im_start) == 1 and llama_cpp.llama_vocab_is_control(engine._vocab, im_start[0])
+    hidden = engine._reply_pieces(True, ("<tool_call>",))
+    shown = engine._reply_pieces(True, ("<|im_start|>assistant",))
+    assert hidden(im_start[0]) == b"" and shown(im_start[0]) == b"<|im_start|>"
+    assert b"".join(map(hidden, hello)) == b"hello"

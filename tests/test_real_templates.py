@@ -19,6 +19,7 @@ from conftest import Running, make_config
 from engine import Engine
 from model_fixtures import _default_model_with
 from sse_grammar import sdk_client
+from tool_calls import detect_format
 
 SDIST = os.path.expanduser(f"~/.cache/llama-compat/sdist/llama_cpp_python-{llama_cpp.__version__}.tar.gz")
 
@@ -39,6 +40,20 @@ REFUSES = {
 # the system prompt and tools go before the last user message, or earlier reasoning is dropped.
 REWRITES_HISTORY = {"Kimi-K2-Thinking", "Mistral-Small-3.2-24B-Instruct-2506", "mistralai-Mistral-Nemo-Instruct-2407",
                     "Qwen3.5-4B", "StepFun3.5-Flash", "openai-gpt-oss-120b"}
+
+# The families whose calls are a JSON object after their own markers, and the format each template
+# teaches; no other template may be read in one of those formats.
+JSON_CALL_FORMATS = {
+    "ibm-granite-granite-3.3-2B-Instruct": "granite",
+    "NVIDIA-Nemotron-Nano-v2": "nemotron",
+    "meetkai-functionary-medium-v3.1": "functionary-v3.1",
+    "meetkai-functionary-medium-v3.2": "generic",  # its generation prompt ends inside the first call's header
+    "ByteDance-Seed-OSS": "generic",  # writes `<function=NAME>` too, but each argument in a `<parameter=…>` tag
+    "CohereForAI-c4ai-command-r-plus-tool_use": "command-r",
+    "CohereForAI-c4ai-command-r7b-12-2024-tool_use": "command-r7b",
+    "Cohere2MoE": "command-r7b",
+    "Apertus-8B-Instruct": "apertus",
+}
 
 TOOL = {"name": "get_weather", "description": "Weather for a city",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -66,6 +81,15 @@ def template(name):
 
 def test_the_collection_is_there():
     assert len(TEMPLATES) >= 60, f"llama.cpp's templates are read from {SDIST}, which `make` downloads"
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_a_real_template_is_read_in_its_own_call_format(name):
+    fmt = detect_format(TEMPLATES[name]).name
+    if name in JSON_CALL_FORMATS:
+        assert fmt == JSON_CALL_FORMATS[name]
+    else:
+        assert fmt not in set(JSON_CALL_FORMATS.values()) - {"generic"}
 
 
 @pytest.mark.parametrize("name", sorted(set(TEMPLATES) - set(REFUSES)))

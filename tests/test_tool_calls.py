@@ -14,18 +14,22 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 import tool_calls
 from protocol import MAX_JSON_DEPTH, TextDelta, Tool, ToolInputDelta, ToolUseStart
-from tool_calls import (DEEPSEEK_R1, DEEPSEEK_V3, GENERIC, HARMONY, HARMONY_RECIPIENT_FIRST, HERMES, KIMI_K2,
-                        LLAMA3, MISTRAL, MISTRAL_ARGS,
-                        CallParser, call_grammar, detect_format, format_call, json_grammar, lazy_call_grammar,
-                        rest_of_call_grammar, template_supports_tools)
+from tool_calls import (APERTUS, COMMAND_R, COMMAND_R7B, DEEPSEEK_R1, DEEPSEEK_V3, FUNCTIONARY_V31, GENERIC,
+                        GRANITE, HARMONY, HARMONY_RECIPIENT_FIRST, HERMES, KIMI_K2, LLAMA3, MISTRAL, MISTRAL_ARGS,
+                        NEMOTRON, PHI4_MINI, CallParser, call_grammar, detect_format, format_call, json_grammar,
+                        lazy_call_grammar, rest_of_call_grammar, template_supports_tools)
 
 FORMATS = [HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, HARMONY, HARMONY_RECIPIENT_FIRST, DEEPSEEK_V3, DEEPSEEK_R1,
-           KIMI_K2, GENERIC]
+           KIMI_K2, GRANITE, PHI4_MINI, NEMOTRON, FUNCTIONARY_V31, COMMAND_R, COMMAND_R7B, APERTUS, GENERIC]
 FORMAT_IDS = ["hermes", "llama3", "mistral", "mistral-args", "harmony", "harmony-recipient-first", "deepseek-v3",
-              "deepseek-r1", "kimi-k2", "generic"]
+              "deepseek-r1", "kimi-k2", "granite", "phi-4-mini", "nemotron", "functionary-v3.1", "command-r",
+              "command-r7b", "apertus", "generic"]
 TOOLS = ["get_weather", "get_time"]
 # How models separate consecutive calls when each call carries its own open marker.
-SEPARATORS = {"hermes": "\n", "llama3": "; ", "harmony": "<|start|>assistant", "generic": "\n"}
+SEPARATORS = {"hermes": "\n", "llama3": "; ", "harmony": "<|start|>assistant", "functionary-v3.1": "",
+              "generic": "\n"}
+# Formats whose calls all go in one JSON list.
+LISTS = (MISTRAL, GRANITE, PHI4_MINI, NEMOTRON, COMMAND_R, COMMAND_R7B, APERTUS)
 
 
 def reader(fmt):
@@ -60,9 +64,12 @@ def loaded(events):
     return [(b[0], b[1]) if b[0] == "text" else (b[0], b[1], json.loads(b[2])) for b in blocks(events)]
 
 
-def mistral_list(calls):
-    items = ", ".join(json.dumps({"name": name, "arguments": args}, ensure_ascii=False) for name, args in calls)
-    return "[TOOL_CALLS][" + items + "]"
+def one_list(fmt, calls):
+    """Calls as one JSON list after one open marker, the way these families write several at once."""
+    before, item = fmt.name_prefix.split("[", 1)
+    items = ", ".join(item + name + fmt.args_prefix + json.dumps(args, ensure_ascii=False) + fmt.args_suffix
+                      for name, args in calls)
+    return fmt.open_marker + before + "[" + items + fmt.close_marker
 
 
 def one_section(fmt, calls):
@@ -72,8 +79,8 @@ def one_section(fmt, calls):
 
 
 def several(fmt, calls):
-    if fmt is MISTRAL:
-        return mistral_list(calls)
+    if fmt in LISTS:
+        return one_list(fmt, calls)
     if fmt in (DEEPSEEK_V3, DEEPSEEK_R1, KIMI_K2):
         return one_section(fmt, calls)
     return SEPARATORS.get(fmt.name, "").join(format_call(fmt, name, args) for name, args in calls)
@@ -111,6 +118,29 @@ SAMPLES = [
     ('I will check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
      '{"city": "Paris", "days": [1, 2], "unit": null}<|tool_call_end|><|tool_call_begin|>functions.get_time:1'
      '<|tool_call_argument_begin|>{"tz": "Europe/Paris"}<|tool_call_end|><|tool_calls_section_end|>', KIMI_K2),
+    ('I will check.<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], '
+     '"unit": null}}, {"name": "get_time", "arguments": {"tz": "Europe/Paris"}}]', GRANITE),
+    ('I will check.\n<|tool_call|> [\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], '
+     '"unit": null}},\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n]', GRANITE),
+    ('I will check.<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], '
+     '"unit": null}}, {"name": "get_time", "arguments": {"tz": "Europe/Paris"}}]<|/tool_call|>', PHI4_MINI),
+    ('I will check.<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], '
+     '"unit": null}}, {"name": "get_time", "arguments": {"tz": "Europe/Paris"}}]', PHI4_MINI),  # no close
+    ('I will check.<|tool_call|>{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], '
+     '"unit": null}}, {"name": "get_time", "arguments": {"tz": "Europe/Paris"}}<|/tool_call|>', PHI4_MINI),
+    ('I will check.\n<TOOLCALL>[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], '
+     '"unit": null}}, {"name": "get_time", "arguments": {"tz": "Europe/Paris"}}]</TOOLCALL>', NEMOTRON),
+    ('I will check.<function=get_weather>{"city": "Paris", "days": [1, 2], "unit": null}</function>'
+     '<function=get_time>{"tz": "Europe/Paris"}</function>', FUNCTIONARY_V31),
+    ('I will check.\nAction:\n```json\n[\n    {\n        "tool_name": "get_weather",\n        "parameters": {\n'
+     '            "city": "Paris",\n            "days": [\n                1,\n                2\n            ],\n'
+     '            "unit": null\n        }\n    },\n    {\n        "tool_name": "get_time",\n        "parameters": {\n'
+     '            "tz": "Europe/Paris"\n        }\n    }\n]```', COMMAND_R),
+    ('I will check.<|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": "get_weather", "parameters": '
+     '{"city": "Paris", "days": [1, 2], "unit": null}},\n    {"tool_call_id": "1", "tool_name": "get_time", '
+     '"parameters": {"tz": "Europe/Paris"}}\n]<|END_ACTION|>', COMMAND_R7B),
+    ('I will check.<|tools_prefix|>[{"get_weather": {"city": "Paris", "days": [1, 2], "unit": null}}, '
+     '{"get_time": {"tz": "Europe/Paris"}}]<|tools_suffix|>', APERTUS),
 ]
 
 
@@ -161,6 +191,15 @@ def test_text_after_a_call_is_kept_and_whitespace_around_calls_is_dropped():
     text = "Sure.\n\n" + format_call(HERMES, *TIME) + "\n\n" + format_call(HERMES, *TIME) + "\nDone.\n"
     assert loaded(parse(HERMES, [text])) == [("text", "Sure."), ("tool_use",) + TIME, ("tool_use",) + TIME,
                                              ("text", "Done.\n")]
+
+
+def test_a_close_marker_that_generation_ends_inside_is_dropped_but_the_start_of_a_next_call_is_text():
+    call = format_call(PHI4_MINI, *TIME)
+    assert loaded(parse(PHI4_MINI, [call[:-len("tool_call|>")]])) == [("tool_use",) + TIME]
+    section = format_call(DEEPSEEK_V3, *TIME)  # one call's end written, the section's not
+    assert loaded(parse(DEEPSEEK_V3, [section[:-len(DEEPSEEK_V3.close_marker)]])) == [("tool_use",) + TIME]
+    cut = call[:-len("]<|/tool_call|>")] + ', {"name": "get_ti'
+    assert loaded(parse(PHI4_MINI, [cut])) == [("tool_use",) + TIME, ("text", ', {"name": "get_ti')]
 
 
 def test_an_open_marker_split_across_chunks_is_held_back_until_it_completes_or_fails():
@@ -231,7 +270,9 @@ fragments = st.lists(st.sampled_from([
     ", ", '"arguments"', '"input"', '"parameters"', ":", "{", "}", "[", "]", '"', "\\", "1", "tru", "null",
     "[TOOL_CALLS]", "[ARGS]", "<|channel|>commentary to=functions.", "<|message|>", " <|constrain|>json",
     "<|call|>", "<|start|>assistant", "<|python_tag|>", " to=functions.", "<|channel|>commentary", " json", ";",
-    "\n", " ", "x", "é",
+    "<|tool_call|>", "<|/tool_call|>", "<TOOLCALL>", "</TOOLCALL>", "<function=", ">", "</function>", "Action:",
+    "```json", "```", '"tool_name"', '"parameters"', '"tool_call_id"', '"0"', "<|START_ACTION|>", "<|END_ACTION|>",
+    "<|tools_prefix|>", "<|tools_suffix|>", '"get_time":', "\n", " ", "x", "é",
 ]) | st.text(max_size=3), max_size=30).map("".join)
 
 
@@ -333,6 +374,9 @@ def test_a_number_too_long_for_json_loads_cuts_the_call():
     ("{{ '[TOOL_CALLS][' }}{{ tool_calls | tojson }}]", MISTRAL),
     ("{{ '[TOOL_CALLS]' + name + '[ARGS]' + arguments }}", MISTRAL_ARGS),
     ("<|start|>assistant<|channel|>commentary to=functions.{{ name }}", HARMONY),
+    ("<|system|>{{ system }}<|tool|>{{ tools | tojson }}<|/tool|><|end|>", PHI4_MINI),
+    ("{% for call in calls %}<|tool_call|>{{ call | tojson }}<|/tool_call|>{% endfor %}", PHI4_MINI),
+    ("{{ '<function=' + name + '>' }}{% for k, v in args %}<parameter={{ k }}>{{ v }}{% endfor %}", GENERIC),
 ])
 def test_the_format_is_detected_from_the_chat_template(source, expected):
     assert detect_format(source) is expected
@@ -352,6 +396,13 @@ def test_a_template_supports_tools_only_if_its_code_uses_them():
     (MISTRAL_ARGS, '[TOOL_CALLS]f[ARGS]{"a": "é"}'),
     (HARMONY, '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": "é"}<|call|>'),
     (HARMONY_RECIPIENT_FIRST, ' to=functions.f<|channel|>commentary json<|message|>{"a": "é"}<|call|>'),
+    (GRANITE, '<|tool_call|>[{"name": "f", "arguments": {"a": "é"}}]'),
+    (PHI4_MINI, '<|tool_call|>[{"name": "f", "arguments": {"a": "é"}}]<|/tool_call|>'),
+    (NEMOTRON, '<TOOLCALL>[{"name": "f", "arguments": {"a": "é"}}]</TOOLCALL>'),
+    (FUNCTIONARY_V31, '<function=f>{"a": "é"}</function>'),
+    (COMMAND_R, 'Action:\n```json\n[{"tool_name": "f", "parameters": {"a": "é"}}]\n```'),
+    (COMMAND_R7B, '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "f", "parameters": {"a": "é"}}]<|END_ACTION|>'),
+    (APERTUS, '<|tools_prefix|>[{"f": {"a": "é"}}]<|tools_suffix|>'),
 ])
 def test_format_call_writes_what_the_model_writes(fmt, expected):
     assert format_call(fmt, "f", {"a": "é"}) == expected
