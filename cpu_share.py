@@ -58,17 +58,27 @@ def _read_busy_seconds():
 
 def _runnable_elsewhere():
     """Threads of other processes runnable at this instant (the kernel's count of runnable threads,
-    less this process's own), or None without /proc."""
+    less this process's own, counted before and after it: they come and go meanwhile), or None
+    without /proc."""
     try:
+        own = _own_runnable()
         with open("/proc/loadavg") as f:
             runnable = int(f.read().split()[3].split("/")[0])
-        own = 0
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/stat") as f:
-                own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        own = max(own, _own_runnable())
     except (OSError, ValueError, IndexError):
         return None
     return max(0, runnable - own)
+
+
+def _own_runnable():
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                count += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return count
 
 
 _clock = time.monotonic

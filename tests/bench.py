@@ -24,6 +24,10 @@ DECODE_TOKENS = 128
 # round decodes the same DECODE_TOKENS tokens.
 DECODE_PROMPT = "What is the capital of France?"
 LONG_DOC = " ".join(f"Note {i}: the meeting about budget line {i} moved to room {i % 7}." for i in range(110))
+# Seconds each side waits before a request: llama.cpp's OpenMP threads spin for a few milliseconds
+# after their last operation, and the server gives a core to a process it sees running (cpu_share),
+# so without the pause one side's spinning would be measured as the other's cost.
+SETTLE = 0.05
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,6 +73,7 @@ def stream(port, messages, max_tokens, time_box=600.0):
                b"content-length: %d\r\n\r\n%s" % (len(body), body))
     marker, empty = b'"text_delta", "text": "', b'"text_delta", "text": ""}'
     arrivals, received = [], b""
+    time.sleep(SETTLE)
     with socket.create_connection(("127.0.0.1", port), timeout=time_box) as sock:
         started = time.perf_counter()
         sock.sendall(request)
@@ -132,6 +137,7 @@ class Baseline:
                                      stdout=subprocess.PIPE, text=True)
 
     def ask(self, **command):
+        time.sleep(SETTLE)
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
