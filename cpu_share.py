@@ -5,7 +5,7 @@ between 1 and the configured limit: the limit while the machine's other processe
 free, fewer while they use them. A daemon thread reads Linux's /proc/stat and this process's own CPU
 time every SAMPLE_SECONDS; where /proc/stat is missing it always answers the limit. `recheck()`, called
 as a request starts, gives the cores back at once when the load the last reading saw has already
-ended (no thread of another process is runnable now). It never touches the model: the engine applies
+ended (no thread of another process is runnable now), and has the next reading taken MIN_WINDOW later. It never touches the model: the engine applies
 the answer (llama_set_n_threads) before each llama_decode.
 
 Why: llama.cpp's OpenMP threads wait for each other at every operation, spinning. Alone, spinning is
@@ -103,6 +103,7 @@ class CpuShare:
         self._others = 0.0
         self._last = self._reading() if any(adaptive) else None
         self._stopped = threading.Event()
+        self._soon = threading.Event()  # a recheck gave cores back: confirm it after MIN_WINDOW
         if self._last is not None:
             threading.Thread(target=self._sample_forever, daemon=True).start()
 
@@ -123,8 +124,12 @@ class CpuShare:
         return self._others
 
     def _sample_forever(self):
-        while not self._stopped.wait(SAMPLE_SECONDS):
-            self.sample()
+        while not self._stopped.is_set():
+            if self._soon.wait(SAMPLE_SECONDS):
+                self._soon.clear()
+                time.sleep(MIN_WINDOW)
+            if not self._stopped.is_set():
+                self.sample()
 
     def recheck(self):
         """A request starts: a burst of other work that ended within the last reading (a client
@@ -139,11 +144,14 @@ class CpuShare:
                 break
             time.sleep(RECHECK_GAP)
         if now is not None and now < self._others:
-            # the next reading measures from here, without the load that has ended
+            # the next reading measures from here, without the load that has ended, and comes soon:
+            # a load only pausing (another server between two requests) must not get the cores long
             self._others, self._last = float(now), self._reading()
+            self._soon.set()
 
     def stop(self):
         self._stopped.set()
+        self._soon.set()
 
     def threads(self):
         """(threads while generating, threads while evaluating a prompt)."""

@@ -5,6 +5,7 @@ import itertools
 import pytest
 
 import cpu_share
+from conftest import wait_until
 from cpu_share import CpuShare
 
 
@@ -72,3 +73,15 @@ def test_a_load_that_goes_on_keeps_its_core_at_a_recheck(machine, monkeypatch):
 
 def test_a_real_runnable_count_is_a_count():
     assert cpu_share._runnable_elsewhere() >= 0
+
+
+def test_cores_given_back_at_a_recheck_are_taken_again_soon_when_the_load_was_only_pausing(machine, monkeypatch):
+    share = CpuShare(2, 2)
+    machine(0.5, own_cores=1.0, other_cores=1.0)  # a second server, answering
+    share.sample()
+    monkeypatch.setattr(cpu_share, "_runnable_elsewhere", lambda: 0)  # between two of its requests
+    share.recheck()
+    assert share.threads() == (2, 2)
+    machine(0.5, own_cores=1.0, other_cores=1.0)  # its next request
+    wait_until(lambda: share.threads() == (1, 1), timeout=10)  # the daemon's next reading, not in an hour
+    share.stop()
