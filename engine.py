@@ -24,7 +24,7 @@ import re
 import threading
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
@@ -32,7 +32,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from chat_template import ChatTemplate
 from cpu_share import CpuShare, usable_cores
 from prompt_cache import DiskStates, StateCache, common_prefix, model_identity
-from protocol import ApiError, Finish
+from protocol import ApiError, Finish, Message, TextBlock
 from reply_reader import ReplyReader
 from tool_calls import GENERIC, ToolFormat, call_grammar, json_grammar, lazy_call_grammar
 
@@ -192,6 +192,7 @@ class Prompt:
     show_thinking: bool = False  # reasoning comes back as thinking blocks (else it is dropped)
     thinking_budget: int = None  # reasoning tokens after which the engine closes the reasoning itself
     starts_in_thinking: bool = False  # the generation prompt already opened the reasoning section
+    parts_at: int = None  # where the next turn's prompt will likely part from this one, well before its end
 
 
 def plan_reply(request, tool_format):
@@ -347,7 +348,24 @@ class Engine:
         return Prompt(tokens, request.stop_sequences, template.end_strings,
                       plan_reply(request, template.tool_format), show_thinking=request.thinking,
                       thinking_budget=request.thinking_budget,
-                      starts_in_thinking=template.reasoning is not None and template.reasoning.opened_by(text))
+                      starts_in_thinking=template.reasoning is not None and template.reasoning.opened_by(text),
+                      parts_at=self._next_turn_parts(request, tokens) if self._checkpoints else None)
+
+    def _next_turn_parts(self, request, tokens):
+        """Where the next turn's prompt parts from this one, when that is further back than the end
+        checkpoint reaches: the template rendering one more exchange may change what comes before
+        this prompt's last user turn (Mistral's templates move the system prompt and the tools to
+        just before the last one). Found by rendering that exchange; None where it changes nothing
+        earlier, or the request ends with a prefill."""
+        if request.messages[-1].role != "user":
+            return None
+        exchange = (Message("assistant", (TextBlock("."),)), Message("user", (TextBlock("."),)))
+        try:
+            text = self.template.render(replace(request, messages=request.messages + exchange))
+        except ApiError:
+            return None
+        parts = common_prefix(tokens, self._tokenize_prompt(text))
+        return parts if CACHE_MIN_TOKENS <= parts < len(tokens) - CHECKPOINT_BACK else None
 
     def _tokenize_prompt(self, text):
         with self._tokenizing:
@@ -370,7 +388,7 @@ class Engine:
 
         try:
             self._turns.acquire(ticket, stopped)
-            reused = self._evaluate(prompt.tokens, stopped)
+            reused = self._evaluate(prompt.tokens, stopped, prompt.parts_at)
             yield from self._sample(prompt, sampling, stopped, reused)
             self._persist(len(prompt.tokens) - reused)  # after the answer, so it never delays one
         except ClientGone:
@@ -380,7 +398,7 @@ class Engine:
         finally:
             ticket.close()
 
-    def _evaluate(self, tokens, cancelled):
+    def _evaluate(self, tokens, cancelled, parts_at=None):
         """Bring the KV cache to `tokens`; returns how many prompt tokens it reused.
 
         At least the last prompt token is evaluated again, since its logits are what sampling reads.
@@ -390,12 +408,12 @@ class Engine:
         self._cpu.recheck()
         reused = self._reuse_prefix(tokens[:-1])
         self._last_checkpoint = None
-        mark = self._checkpoint_at(len(tokens), reused)
-        for start, end in prompt_batches(reused, len(tokens), mark):
+        marks = {self._checkpoint_at(len(tokens), reused), parts_at} - {None}
+        for start, end in prompt_batches(reused, len(tokens), marks):
             if cancelled():
                 raise ClientGone()
             self._decode(tokens[start:end])
-            if end == mark:
+            if end in marks:
                 self._checkpoint()
         return reused
 
@@ -656,15 +674,15 @@ class Engine:
             self._freed = True
 
 
-def prompt_batches(start, end, mark=None):
+def prompt_batches(start, end, marks=()):
     """The (start, end) of each llama_decode call that evaluates positions start..end: PROMPT_BATCH
-    at a time, and one also ending at `mark` (where a checkpoint is taken), when it lies between.
+    at a time, and one also ending at each of `marks` (where checkpoints are taken) between them.
 
-    >>> list(prompt_batches(0, 1100)), list(prompt_batches(100, 700, mark=684))
-    ([(0, 512), (512, 1024), (1024, 1100)], [(100, 612), (612, 684), (684, 700)])
+    >>> list(prompt_batches(0, 1100)), list(prompt_batches(100, 700, marks={300, 684}))
+    ([(0, 512), (512, 1024), (1024, 1100)], [(100, 300), (300, 612), (612, 684), (684, 700)])
     """
-    ends = sorted({*range(start + PROMPT_BATCH, end, PROMPT_BATCH), end} | (
-        {mark} if mark is not None and start < mark < end else set()))
+    ends = sorted({*range(start + PROMPT_BATCH, end, PROMPT_BATCH), end} | {
+        mark for mark in marks if start < mark < end})
     return zip([start] + ends, ends)
 
 

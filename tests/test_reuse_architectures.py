@@ -4,15 +4,17 @@ inside and outside the window. The window layers keep only their window, so a cu
 serve must fall back to evaluation rather than answer wrongly; a checkpoint taken just before the
 prompt's end gives back what the window no longer can."""
 
+import os
 import random
 
 import llama_cpp
 import numpy
 import pytest
 
+import protocol
 from conftest import make_config
 from engine import CHECKPOINT_BACK, Engine, Prompt, Sampling, prompt_batches
-from model_fixtures import TINY_MODELS, gemma3_path, tiny_model_path
+from model_fixtures import TINY_MODELS, gemma3_path, tiny_model_path, with_chat_template
 
 # Unpredictable text: a formulaic one lets a model continue correctly from its full-attention layers
 # alone, which hides a broken sliding-window cache (measured: this text exposes it at a 900-token cut).
@@ -58,8 +60,8 @@ def forced_logits(engine, prompt, answer=None, steps=24, fresh=False):
         engine._turns.acquire(ticket, lambda: False)
         if fresh:  # in the engine's own batches, so that only reuse can make a difference
             engine._forget()
-            mark = len(prompt) - CHECKPOINT_BACK if engine._checkpoints else None
-            for start, end in prompt_batches(0, len(prompt), mark):
+            marks = {len(prompt) - CHECKPOINT_BACK} if engine._checkpoints else set()
+            for start, end in prompt_batches(0, len(prompt), marks):
                 engine._decode(prompt[start:end])
             reused = 0
         else:
@@ -117,6 +119,45 @@ def test_a_reply_longer_than_the_window_still_leaves_its_prompt_reusable(arch, m
     greedy(served, served._llm.tokenize(b"A side request about cats.", add_bos=True, special=False))
     logits, _, reused = forced_logits(served, turn, answer)
     assert reused == len(prompt) - CHECKPOINT_BACK
+    top2 = numpy.sort(fresh, axis=1)[:, -2:]
+    sure = top2[:, 1] - top2[:, 0] > SURE_MARGIN
+    assert sure.sum() >= 8
+    assert (logits.argmax(axis=1) == fresh.argmax(axis=1))[sure].all()
+    served.close()
+    reference.close()
+
+
+@pytest.mark.slow
+def test_a_template_that_moves_the_tools_before_the_last_user_turn_gets_a_checkpoint_there(model_cache):
+    """Mistral Nemo's real template puts the system prompt and the tools just before the last user
+    message, so the next turn parts from this one before its last user turn, far from its end. On a
+    recurrent memory only a checkpoint there gives that prefix back."""
+    from test_real_templates import TEMPLATES
+    if "mistralai-Mistral-Nemo-Instruct-2407" not in TEMPLATES:
+        pytest.skip("llama.cpp's templates come from the llama-cpp-python sdist, which is not downloaded")
+    path = os.path.join(model_cache, "mamba-mistral-nemo.gguf")
+    if not os.path.exists(path):
+        with_chat_template(tiny_model_path(model_cache, "mamba"), path, TEMPLATES["mistralai-Mistral-Nemo-Instruct-2407"])
+    served, reference = (Engine(make_config(model=path, ctx=4096)) for _ in range(2))
+    history = [{"role": "user", "content": TEXT[:1200]}, {"role": "assistant", "content": TEXT[1200:1800]},
+               {"role": "user", "content": "Which words come back most often?"}]
+    tools = [{"name": "count", "description": "Counts a word.",
+              "input_schema": {"type": "object", "properties": {"word": {"type": "string"}}}}]
+
+    def request(messages):
+        return protocol.parse_messages_request({"model": "m", "max_tokens": 4, "temperature": 0, "tools": tools,
+                                                "system": "You count words.", "messages": messages})
+    first = served._prepare(request(history))
+    assert first.parts_at is not None and first.parts_at < len(first.tokens) - 50  # tools, system, question
+    with served.submit(request(history), lambda: False) as job:
+        reply = "".join(getattr(event, "text", "") for event in job)
+    turn = served._prepare(request(history + [{"role": "assistant", "content": reply or "."},
+                                              {"role": "user", "content": "And the rarest?"}])).tokens
+    assert turn[:first.parts_at] == first.tokens[:first.parts_at]
+    assert turn[:first.parts_at + 1] != first.tokens[:first.parts_at + 1]  # parted right there
+    fresh, answer, _ = forced_logits(reference, turn, fresh=True)
+    logits, _, reused = forced_logits(served, turn, answer)
+    assert reused == first.parts_at
     top2 = numpy.sort(fresh, axis=1)[:, -2:]
     sure = top2[:, 1] - top2[:, 0] > SURE_MARGIN
     assert sure.sum() >= 8
