@@ -18,9 +18,9 @@ soak: $(STAMP)
 	LLAMA_COMPAT_SOAK=1 $(BIN)/python -m pytest tests/test_robustness.py -s
 
 # the server against Llama.generate (minutes), its speed while other processes use the cores (about
-# 6 minutes), the next turn after a long reasoning reply per architecture (2 minutes), then Claude
+# 6 minutes), the next turn after a long reasoning reply per architecture (4 minutes), then Claude
 # Code's first turn at ~20k tokens with restarts, and prompt evaluation by depth for two models
-# (about 22 minutes on 2 cores in all)
+# (about 24 minutes on 2 cores in all)
 bench: $(STAMP) $(SDIST)
 	$(BIN)/python tests/bench.py
 	$(BIN)/python tests/bench_sharing.py

@@ -259,11 +259,11 @@ TINY_MODELS = {
 }
 
 
-def tiny_model_path(cache_dir, arch):
-    """A 2-layer model of `arch` (TINY_MODELS) with random weights of a fixed seed and the default
-    model's tokenizer and chat template, written into cache_dir once per shape. Its answers mean
-    nothing; its memory is llama.cpp's real one."""
-    shape = TINY_MODELS[arch]
+def tiny_model_path(cache_dir, arch, shape=None):
+    """A model of `arch` in `shape` (by default the 2-layer one in TINY_MODELS) with random weights of
+    a fixed seed and the default model's tokenizer and chat template, written into cache_dir once per
+    shape. Its answers mean nothing; its memory is llama.cpp's real one."""
+    shape = shape or TINY_MODELS[arch]
     digest = hashlib.sha256(json.dumps([arch, shape], sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"tiny-{arch}-{digest}.gguf")
     if not _is_complete_gguf(path, 1 << 20):
