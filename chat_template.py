@@ -15,18 +15,22 @@ touches I/O; `detect_reasoning` and `tool_calls.detect_format` read from the tem
 the model writes reasoning and calls.
 """
 
+import collections.abc
 import copy
 import datetime
 import hashlib
 import json
 import logging
+import threading
+import time
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 
-from protocol import ApiError, TextBlock, ThinkingBlock, ToolResultBlock, ToolUseBlock, join_turns
+from protocol import ApiError, TextBlock, ThinkingBlock, ToolResultBlock, ToolUseBlock, join_turns, \
+    parse_messages_request
 from reply_reader import HARMONY_CHANNELS, THINK_TAGS
 from tool_calls import GENERIC, detect_format, format_call, template_supports_tools
 
@@ -41,6 +45,14 @@ FALLBACK_TEMPLATE = (
 FALLBACK_END_STRINGS = ("\nUser:",)
 
 log = logging.getLogger("llama-compat")
+
+# Seconds one request's rendering may take (every fit tried included): a template is third-party code,
+# and nested loops can run for hours. Real templates render a long Claude Code conversation in
+# milliseconds.
+RENDER_SECONDS = 10
+# What a template must render at start, or it is replaced by plain labelled turns: a template that
+# cannot render a plain question would refuse every request.
+PROBE = parse_messages_request({"model": "probe", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
 
 GENERIC_TOOL_PREAMBLE = (
     "You can call these tools. To call one, reply with a line of the form\n"
@@ -68,6 +80,54 @@ def _json_default(value):
         return list(value)
     except TypeError:
         raise TypeError(f"{type(value).__name__} is not JSON serializable") from None
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+_deadline = threading.local()  # each request renders in its own thread
+
+
+def _check_deadline():
+    if time.monotonic() > _deadline.at:
+        raise _RenderTimeout
+
+
+class _TimedSandbox(jinja2.sandbox.SandboxedEnvironment):
+    """The sandbox, checking the render's deadline at every call, attribute and item lookup, and every
+    1,024 steps of a `range`: a template loops only over those and over the data we pass."""
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+        _check_deadline()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        _check_deadline()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _check_deadline()
+        return super().getitem(obj, argument)
+
+
+class _TimedRange(collections.abc.Sequence):
+    """`range` for templates: the sandbox's size limit, and the deadline checked as it is iterated."""
+
+    def __init__(self, *args):
+        self._range = jinja2.sandbox.safe_range(*args)
+
+    def __len__(self):
+        return len(self._range)
+
+    def __getitem__(self, index):
+        return self._range[index]
+
+    def __iter__(self):
+        for i, value in enumerate(self._range):
+            if not i % 1024:
+                _check_deadline()
+            yield value
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -105,18 +165,28 @@ class ChatTemplate:
     def __init__(self, source, bos_token, eos_token):
         # not the immutable sandbox: real templates append to lists and set keys on dicts they build
         # (Kimi K2); attribute access stays limited to the data we pass
-        env = jinja2.sandbox.SandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                  undefined=jinja2.ChainableUndefined,
-                                                  extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
+        env = _TimedSandbox(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined,
+                            extensions=[jinja2.ext.loopcontrols, _GenerationBlock])
         env.filters["tojson"] = _tojson
-        env.globals.update(raise_exception=_raise_exception,
+        env.globals.update(raise_exception=_raise_exception, range=_TimedRange,
                            strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+        self._bos, self._eos = bos_token, eos_token
         try:
             self._template = env.from_string(source or FALLBACK_TEMPLATE)
         except Exception as exc:  # a template is third-party code: whatever it does wrong, we start
             log.warning("the model's chat template does not compile (%s); using plain labelled turns", exc)
             self._template, source = env.from_string(FALLBACK_TEMPLATE), None
-        self._bos, self._eos = bos_token, eos_token
+        self._setup(source)
+        if source:
+            try:
+                self.render(PROBE)
+            except ApiError as exc:
+                log.warning("the model's chat template cannot render a plain question (%s); using plain "
+                            "labelled turns", exc.message)
+                self._template = env.from_string(FALLBACK_TEMPLATE)
+                self._setup(None)
+
+    def _setup(self, source):
         self.end_strings = () if source else FALLBACK_END_STRINGS
         self.native_tools = template_supports_tools(source)  # it renders the tool list itself
         self.tool_format = detect_format(source)
@@ -124,10 +194,16 @@ class ChatTemplate:
         # V3.1, the R1 distills) renders the history itself; the tools go into the system text
         self.native_calls = self.native_tools or self.tool_format is not GENERIC
         self.reasoning = detect_reasoning(source)
+        # what a user needs to know about how their model is read: logged at start, and in the
+        # model's entry of GET /v1/models
+        self.facts = {
+            "chat_template": "gguf" if source else "plain labelled turns",
+            "tool_calls": self.tool_format.name + (" (the template's own)" if self.native_calls else " (ours)"),
+            "reasoning": f"{self.reasoning.open}…{self.reasoning.close}" if self.reasoning else None}
         self.summary = "; ".join((
             "the GGUF's own template" if source else "plain labelled turns (no usable template in the GGUF)",
-            f"tool calls: {self.tool_format.name}" + (" (the template's own)" if self.native_calls else " (ours)"),
-            f"reasoning: {self.reasoning.open}…{self.reasoning.close}" if self.reasoning else "no reasoning section"))
+            f"tool calls: {self.facts['tool_calls']}",
+            f"reasoning: {self.facts['reasoning']}" if self.reasoning else "no reasoning section"))
 
     def render(self, request):
         """The prompt text for a request: its history, then the start of the assistant's turn, then
@@ -144,11 +220,15 @@ class ChatTemplate:
                 {"role": message.role, "content": _generic_content_text(message.content)}]
         tools = [_tool_json(t) for t in offered] if self.native_tools and offered else None
         refusal = None
+        _deadline.at = time.monotonic() + RENDER_SECONDS
         for fit in FITS:
             turns, tools = fit(turns, tools)  # each fit adds its change to those before it
             try:  # a copy each time: templates may append to and set what they are given
                 text = self._render(copy.deepcopy(turns), tools if tools is ABSENT else copy.deepcopy(tools),
                                     request.thinking)
+            except _RenderTimeout:
+                raise ApiError(400, "invalid_request_error", f"the model's chat template did not finish "
+                               f"rendering this conversation within {RENDER_SECONDS} s") from None
             except Exception as exc:  # the template's own code refused (raise_exception or a failure)
                 refusal = refusal or exc
                 continue

@@ -74,6 +74,8 @@ def check_auth(headers, api_key):
 def model_info(engine):
     return {"type": "model", "id": engine.model_name, "display_name": engine.display_name,
             "created_at": MODEL_CREATED_AT, "max_input_tokens": engine.n_ctx, "max_tokens": engine.n_ctx,
+            # not the API's: how this server reads the model (its chat template, calls and reasoning)
+            "llama_compat": engine.template.facts,
             # OpenAI's names alongside, so OpenAI-style clients can list the model too
             "object": "model", "created": 0, "owned_by": "llama-compat"}
 

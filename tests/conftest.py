@@ -56,8 +56,10 @@ class ScriptedEngine:
     model_name, display_name, n_ctx = "scripted", "Scripted", 4096
 
     def __init__(self, events, delay=0.0, max_queue=16, after=None):
+        from chat_template import ChatTemplate
         from engine import Turns
         self.events, self.delay, self.after = events, delay, after  # after(): work after the last event
+        self.template = ChatTemplate(None, "", "")
         self._turns = Turns(max_queue)
         self.holding = threading.Event()  # a job holds the model now
 
@@ -74,8 +76,7 @@ class ScriptedEngine:
     def count_tokens(self, request):
         # rendered and encoded as the real engine does before its tokenizer, so that text no UTF-8
         # can hold fails here as it would there
-        from chat_template import ChatTemplate
-        ChatTemplate(None, "", "").render(request).encode("utf-8")
+        self.template.render(request).encode("utf-8")
         "".join(request.stop_sequences).encode("utf-8")
         return 3
 

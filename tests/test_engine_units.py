@@ -113,9 +113,10 @@ def test_a_later_system_message_folds_into_the_user_turn_before_it_and_stays_the
 
 
 def test_a_conversation_the_template_refuses_is_a_400():
-    picky = "{{ raise_exception('No user query found in messages.') }}"
+    picky = "{% if messages|length > 1 %}{{ raise_exception('No user query found in messages.') }}{% endif %}"
     with pytest.raises(protocol.ApiError) as refused:
-        ChatTemplate(picky, "", "").render(request(messages=[{"role": "user", "content": "a"}]))
+        ChatTemplate(picky, "", "").render(request(messages=[{"role": "user", "content": "a"}, {
+            "role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]))
     assert refused.value.status == 400 and "No user query found" in refused.value.message
 
 
@@ -151,10 +152,14 @@ def test_tool_calls_and_results_in_the_history_are_rendered_as_text():
     assert '<tool_result id="toolu_1">rain</tool_result>' in text
 
 
-def test_templates_are_sandboxed():
+def test_templates_are_sandboxed(caplog):
     evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    assert ChatTemplate(evil, "", "").render(request(messages=[{"role": "user", "content": "x"}])) == "User: x\n\nAssistant:"
+    assert "__class__" in caplog.text and "unsafe" in caplog.text  # refused at start: labelled turns instead
+    later = "{% if messages|length > 1 %}" + evil + "{% endif %}"
     with pytest.raises(protocol.ApiError) as refused:
-        ChatTemplate(evil, "", "").render(request(messages=[{"role": "user", "content": "x"}]))
+        ChatTemplate(later, "", "").render(request(messages=[{"role": "user", "content": "x"}, {
+            "role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]))
     assert refused.value.status == 400 and "__class__" in refused.value.message and "unsafe" in refused.value.message
 
 

@@ -219,8 +219,10 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_the_model(served, cap
 
 
 def test_a_conversation_the_models_template_refuses_is_a_400_in_anthropics_shape(served, engine, monkeypatch):
-    refusing = ChatTemplate("{{ raise_exception('No user query found in messages.') }}", "", "")
+    refusing = ChatTemplate("{% if messages[0].content != 'Hi' %}{{ raise_exception('No user query found in "
+                            "messages.') }}{% endif %}", "", "")  # it renders the probe at start
     monkeypatch.setattr(engine, "template", refusing)
+    body = {**BODY, "messages": [{"role": "user", "content": "Hello"}]}
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
-        message = assert_error(exchange(served, post(path, BODY)), 400, "invalid_request_error")
+        message = assert_error(exchange(served, post(path, body)), 400, "invalid_request_error")
         assert "No user query found" in message

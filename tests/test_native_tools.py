@@ -30,6 +30,12 @@ def test_the_template_is_recognised_as_hermes_with_native_tools(tool_engine):
     assert tool_engine.template.native_tools and tool_engine.template.tool_format.name == "hermes"
 
 
+def test_the_model_entry_says_how_the_model_is_read(client, tool_engine):
+    entry = client.models.retrieve(tool_engine.model_name)
+    assert entry.llama_compat == {"chat_template": "gguf", "tool_calls": "hermes (the template's own)",
+                                  "reasoning": None}
+
+
 def test_tools_are_rendered_by_the_template_itself(tool_engine):
     import protocol
     request = protocol.parse_messages_request({"model": "m", "max_tokens": 5, "tools": [WEATHER], "messages": ASK})

@@ -8,11 +8,13 @@ written into a copy of the default GGUF and served.
 """
 
 import os
+import time
 import tarfile
 
 import llama_cpp
 import pytest
 
+import chat_template
 import protocol
 from chat_template import ChatTemplate
 from conftest import Running, make_config
@@ -34,8 +36,9 @@ TEMPLATES = _read_templates() if os.path.isfile(SDIST) else {}
 # What a template still refuses, and why: the README's model table says the same.
 REFUSES = {
     "CohereForAI-c4ai-command-r-plus-tool_use": "every tool parameter must have a description",
-    "fireworks-ai-llama-3-firefunction-v2": "it needs a `functions` variable no other template reads",
 }
+# Templates that cannot render even a plain question, so the server renders plain labelled turns instead.
+FALLS_BACK = {"fireworks-ai-llama-3-firefunction-v2": "it needs a `functions` variable no other template reads"}
 # Templates whose next turn does not extend the last one's prompt (so each turn evaluates more again):
 # the system prompt and tools go before the last user message, or earlier reasoning is dropped.
 REWRITES_HISTORY = {"Kimi-K2-Thinking", "Mistral-Small-3.2-24B-Instruct-2506", "mistralai-Mistral-Nemo-Instruct-2407",
@@ -127,6 +130,38 @@ def test_a_template_that_does_not_compile_falls_back_to_labelled_turns(caplog):
     assert "does not compile" in caplog.text
     assert chat.end_strings == ("\nUser:",) and not chat.native_calls  # all of the fallback, not only its text
     assert "<tool_call>" in chat.render(request(tools=[TOOL]))  # the generic convention describes the tools
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_only_the_templates_that_cannot_render_a_plain_question_fall_back(name):
+    assert (template(name).facts["chat_template"] == "plain labelled turns") == (name in FALLS_BACK)
+
+
+def test_a_template_that_fails_on_a_plain_question_falls_back_to_labelled_turns(caplog):
+    chat = ChatTemplate("{{ messages[0].content.no_such_method() }}", "<s>", "</s>")
+    assert "User: hello" in chat.render(request())
+    assert "cannot render a plain question" in caplog.text and chat.facts["chat_template"] == "plain labelled turns"
+
+
+def test_a_template_stuck_in_a_loop_answers_that_request_with_a_400_in_time(monkeypatch):
+    # quick for one turn, hours for two: the probe at start passes, the second request times out
+    chat = ChatTemplate("{% for m in messages %}{% if not loop.first %}{% for i in range(100000) %}"
+                        "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}{{ m.content }}{% endfor %}",
+                        "<s>", "</s>")
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.5)
+    assert chat.render(request()) == "hello"
+    started = time.monotonic()
+    with pytest.raises(protocol.ApiError) as refused:
+        chat.render(request(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                      {"role": "user", "content": "c"}]))
+    assert refused.value.status == 400 and "did not finish rendering" in refused.value.message
+    assert time.monotonic() - started < 5
+
+
+def test_range_in_a_template_still_behaves_like_range():
+    chat = ChatTemplate("{{ range(3)|list }} {{ range(5)|length }} {{ range(2, 9, 3)|reverse|join(',') }} "
+                        "{{ range(4)[1] }}{% for i in range(2) %}{{ loop.index }}{% endfor %}", "", "")
+    assert chat.render(request()) == "[0, 1, 2] 5 8,5,2 112"
 
 
 @pytest.mark.parametrize("name", ["Mistral-Small-3.2-24B-Instruct-2506", "meetkai-functionary-medium-v3.2"])
