@@ -470,7 +470,7 @@ class Engine:
                         "end_turn", None)
                 elif reader.done:
                     stop_reason = "end_turn"  # a call ended and no further one may follow
-                if stop_reason is None:
+                if stop_reason is None and produced < limit:  # the last token allowed is never read
                     self._decode([token])
                     thought += thinking
                     if thinking and reader.thinking and prompt.thinking_budget and thought >= prompt.thinking_budget:
