@@ -244,6 +244,7 @@ class Handler(BaseHTTPRequestHandler):
         self.request_id = new_id("req_")
         self.started = time.monotonic()
         self.status = None
+        self.outcome = ""  # for the access log: what the answer was (tokens, stop reason) or the error
         self._sse = None  # the stream of this request, once it has one
         self._body_read = False
         self._answered_early = False  # an error answered before the request was read whole
@@ -376,6 +377,7 @@ class Handler(BaseHTTPRequestHandler):
             for event in job:
                 assembler.feed(event)
                 if isinstance(event, Finish):
+                    self._answered(event)
                     # answered now: what the engine does after the answer (keeping the prompt state)
                     # must not delay it
                     self._send_json(200, assembler.message)
@@ -396,6 +398,7 @@ class Handler(BaseHTTPRequestHandler):
             for event in job:
                 sse.feed(event)
                 if isinstance(event, Finish):
+                    self._answered(event)
                     sse.close()  # the stream ends here; keeping the prompt state comes after
         except ClientGone as exc:
             self.close_connection = True
@@ -471,13 +474,14 @@ class Handler(BaseHTTPRequestHandler):
     def _send_api_error(self, exc):
         if self.status is not None:
             return  # headers already went out; a stream reports its failure in-band
+        self.outcome = f"{exc.error_type}: {exc.message}"
         self._send_json(exc.status, protocol.error_body(exc.error_type, exc.message, self.request_id),
                         exc.headers)
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own errors (bad request line, oversized headers, 501) in Anthropic's shape."""
         if not hasattr(self, "request_id"):
-            self.request_id, self.started, self.status = new_id("req_"), time.monotonic(), None
+            self.request_id, self.started, self.status, self.outcome = new_id("req_"), time.monotonic(), None, ""
         if code == 501:  # an unknown method: the API's answer is "not allowed", not a server fault
             code, message = 405, f"Method {self.command} not allowed"
         kinds = {404: "not_found_error", 413: "request_too_large", 500: "api_error"}
@@ -503,8 +507,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _log_access(self):
         status = self.status if self.status is not None else "-"  # "-": the client left unanswered
-        log.info('%s "%s %s" %s %.3fs %s', self.client_address[0], self.command, self.path, status,
-                 time.monotonic() - self.started, self.request_id)
+        log.info('%s "%s %s" %s %.3fs %s%s', self.client_address[0], self.command, self.path, status,
+                 time.monotonic() - self.started, self.request_id, self.outcome and f" ({self.outcome})")
+
+    def _answered(self, finish):
+        self.outcome = (f"{finish.input_tokens + finish.cache_read_input_tokens} prompt tokens, "
+                        f"{finish.cache_read_input_tokens} reused; {finish.output_tokens} out, {finish.stop_reason}")
 
 
 class Server(ThreadingHTTPServer):

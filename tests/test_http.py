@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import socket
 import threading
 
@@ -226,3 +227,14 @@ def test_a_conversation_the_models_template_refuses_is_a_400_in_anthropics_shape
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
         message = assert_error(exchange(served, post(path, body)), 400, "invalid_request_error")
         assert "No user query found" in message
+
+
+def test_the_access_log_says_what_each_answer_was(served, caplog):
+    caplog.set_level("INFO", logger="llama-compat")
+    status, headers, _ = exchange(served, post("/v1/messages", BODY))
+    assert status == 200
+    assert_error(exchange(served, post("/v1/messages", {**BODY, "max_tokens": 0})), 400, "invalid_request_error")
+    wait_until(lambda: "invalid_request_error: max_tokens" in caplog.text)
+    line = next(r.getMessage() for r in caplog.records if headers["request-id"] in r.getMessage())
+    assert re.search(r'"POST /v1/messages" 200 [0-9.]+s req_\w+ \(\d+ prompt tokens, \d+ reused; [1-8] out, '
+                     r'(end_turn|max_tokens)\)$', line), line
