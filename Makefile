@@ -77,7 +77,8 @@ clean:
 # ---------------------------------------------------------------------------------------------------
 # Claude Code end to end (tests/e2e_claude_code.py). Claude Code is installed with npm into .e2e/
 # (a native binary inside the npm package; nothing else is downloaded). `make e2e` runs it with
-# --bare (~1,100 prompt tokens, seconds); `make e2e-full` with its full tool list (~20,000 tokens,
+# --bare (~1,100 prompt tokens, seconds), then continues one conversation at --ctx 8192 through two
+# compactions (~10 minutes); `make e2e-full` with its full tool list (~20,000 tokens,
 # --ctx 32768, about 5 minutes of prompt evaluation on 2 cores, where the 135M model often does not
 # stop: that counts as served). E2E_ARGS passes flags through.
 CLAUDE_CODE_VERSION ?= 2.1.197

@@ -24,9 +24,12 @@ START_TIMEOUT = 300
 # CLAUDE_CODE_AUTO_COMPACT_WINDOW is set, at CLAUDE_CODE_MAX_CONTEXT_TOKENS minus its output cap minus
 # this many tokens (a model name starting with `claude-` ignores the setting).
 CLAUDE_COMPACT_MARGIN = 13_000
-# Room the compaction request needs beside the conversation: its instruction (~1,274 tokens of the
-# default model) and then the summary, which is bounded by the output cap.
-COMPACT_INSTRUCTION = 1_300
+# Room the compaction request needs beside the conversation and its summary: its instruction (~1,282
+# tokens of the default model) and the three requests to go on that a summary cut at the cap gets.
+COMPACT_INSTRUCTION = 1_450
+# The smallest context in which a long Claude Code conversation (~1,100 tokens of fixed prompt with
+# --bare) keeps room to grow between compactions with the settings below.
+ROOMY_CONTEXT = 8192
 
 
 def split_argv(argv):
@@ -45,9 +48,9 @@ def split_argv(argv):
 
 
 def output_cap(n_ctx):
-    """The answer size Claude Code asks for (it sends 32,000): an eighth of the context, so a long
-    conversation still has room to answer and to be summarised."""
-    return max(256, min(8192, n_ctx // 8))
+    """The answer size Claude Code asks for (it sends 32,000): a thirty-second of the context, since a
+    compaction must find room for a summary of up to four of them (below)."""
+    return max(256, min(8192, n_ctx // 32))
 
 
 def claude_environment(environ, base_url, token, model_id, n_ctx):
@@ -55,13 +58,16 @@ def claude_environment(environ, base_url, token, model_id, n_ctx):
 
     >>> env = claude_environment({"ANTHROPIC_API_KEY": "sk-real"}, "http://127.0.0.1:1234", "local", "smol", 4096)
     >>> env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"], env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "ANTHROPIC_API_KEY" in env
-    ('15796', '512', False)
+    ('14622', '256', False)
     """
     given = environ.get("CLAUDE_CODE_MAX_OUTPUT_TOKENS", "")
     cap = int(given) if given.isascii() and given.isdigit() else output_cap(n_ctx)
-    # Claude Code compacts at window - cap - CLAUDE_COMPACT_MARGIN; that point must leave room for the
-    # compaction request itself
-    window = n_ctx - cap - COMPACT_INSTRUCTION + CLAUDE_COMPACT_MARGIN + cap
+    # Claude Code compacts at window - cap - CLAUDE_COMPACT_MARGIN, checked before each request, so a
+    # conversation may pass that point by one answer before it is compacted. The point leaves room for
+    # that answer, the compaction request's instruction and its summary, which Claude Code continues
+    # up to three times when it is cut at the cap (a small model's often is)
+    window = n_ctx - 5 * cap - COMPACT_INSTRUCTION + CLAUDE_COMPACT_MARGIN + cap
+
     ours = {
         "ANTHROPIC_MODEL": model_id,  # not claude-…: Claude Code then honours the context window below
         "ANTHROPIC_SMALL_FAST_MODEL": model_id,
@@ -144,6 +150,10 @@ def run(config, server_argv, claude_argv):
             print(f"llama-compat: {host}:{config.port} is used by another server; pick a free --port",
                   file=sys.stderr)
             return 2
+        if n_ctx < ROOMY_CONTEXT:
+            print(f"llama-compat: a context of {n_ctx} tokens leaves Claude Code little room to compact a long "
+                  f"conversation (it would compact nearly every turn); --ctx {ROOMY_CONTEXT} or more is better",
+                  file=sys.stderr)
         env = claude_environment(os.environ, f"http://{host}:{config.port}", config.api_key or "local",
                                  model_id, n_ctx)
         child = subprocess.Popen([claude, *claude_argv], env=env)

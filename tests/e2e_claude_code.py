@@ -1,4 +1,5 @@
-"""Claude Code end to end: our server, the real `claude` CLI in print mode, one prompt, and a Read round trip.
+"""Claude Code end to end: our server, the real `claude` CLI in print mode, one prompt, a Read round trip,
+the one command, and a long session through two compactions.
 
 Contract: starts `compat_server.py` as a child process on a free loopback port, runs the Claude Code
 binary installed in `.e2e/` (`make e2e` installs it with npm) against it in a throw-away HOME with a
@@ -7,7 +8,8 @@ Standard library only, so `tests/test_claude_code.py` imports the same functions
 anything unless asked (`--install`), connects to nothing but 127.0.0.1, and writes only in temporary
 folders.
 
-    python tests/e2e_claude_code.py                  # --bare: text, stream-json, a Read round trip, one command
+    python tests/e2e_claude_code.py                  # --bare: text, stream-json, a Read round trip, one command,
+                                                     # a long session at --ctx 8192 (~10 minutes)
     python tests/e2e_claude_code.py --profile full   # Claude Code's full tool list: ~20k tokens, ~5 minutes
 
 Why the pieces are the way they are (details in shared/CLAUDE_CODE_TRAFFIC.md):
@@ -62,6 +64,12 @@ SERVER_STOP_TIMEOUT = 20
 MAX_OUTPUT_TOKENS = 256
 # New conversations tried when one fails that way (measured: 1 run in 12 to 20 does).
 ATTEMPTS = 3
+# The long session: the default context (at 4096 a summary cut at the output cap and continued can
+# still meet the end of the context), two compactions within ~30 turns.
+LONG_SESSION_CTX = 8192
+LONG_SESSION_TURNS = 60
+# What the long session's turns ask about, one after another.
+LONG_SESSION_TOPICS = ["rivers", "bread", "clocks", "bridges", "owls", "glass", "maps", "tides", "bees", "salt"]
 # The secret the Read round trip must bring back from the file into the conversation.
 SECRET = "PERIWINKLE-4217"
 
@@ -386,6 +394,48 @@ def launcher_run(claude, workdir, home, prompt, timeout=600):
     return Run(tuple(argv), done.returncode, done.stdout, done.stderr, time.monotonic() - started)
 
 
+def compactions(home):
+    """How many times Claude Code compacted the conversations under `home` (its transcripts mark each
+    with a compact_boundary record)."""
+    return sum(line.count('"subtype":"compact_boundary"')
+               for path in (Path(home) / ".claude" / "projects").rglob("*.jsonl")
+               for line in path.read_text(errors="replace").splitlines())
+
+
+def long_session(claude, workdir, ctx, least_compactions, most_turns, timeout=600):
+    """One conversation continued with `claude -p … --bare --continue` through the one command, turn
+    after turn, each asking for a few paragraphs, until Claude Code has compacted it
+    `least_compactions` times or a turn fails for another reason than a reply that outran the output
+    cap (the sampled model's doing). The server runs at `--ctx ctx` on a port the launcher then finds,
+    so every turn gets the launcher's settings and nothing else; its log is WORKDIR/long/server.log.
+    Returns (turns as Runs, compactions)."""
+    home = make_home(Path(workdir) / "long-home")
+    (Path(workdir) / "long").mkdir(exist_ok=True)
+    server, port = start_server(ctx, Path(workdir) / "long")
+    env = {k: v for k, v in claude_env(home, "").items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))}
+    env["PATH"] = f"{Path(claude).parent}{os.pathsep}{env['PATH']}"
+    runs = []
+    try:
+        for turn in range(most_turns):
+            topic = LONG_SESSION_TOPICS[turn % len(LONG_SESSION_TOPICS)]
+            argv = [sys.executable, str(ROOT / "compat_server.py"), "--port", str(port), "--ctx", str(ctx),
+                    "claude", "-p", f"Write three paragraphs about {topic}.", "--bare",
+                    *(["--continue"] if turn else [])]
+            started = time.monotonic()
+            done = subprocess.run(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=timeout)
+            runs.append(Run(tuple(argv), done.returncode, done.stdout, done.stderr, time.monotonic() - started))
+            seen = compactions(home)
+            print(f"turn {turn + 1}: exit {done.returncode} in {runs[-1].seconds:.1f}s, {seen} compactions: "
+                  f"{(done.stdout.strip() or done.stderr.strip())[:100]!r}", flush=True)
+            if seen >= least_compactions or done.returncode != 0 and "output token maximum" not in (
+                    done.stdout + done.stderr):
+                break
+    finally:
+        stop_server(server)
+    return runs, compactions(home)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
@@ -442,6 +492,15 @@ def main(argv=None):
             print(f"--- one command (compat_server.py claude -p …): {'ok' if ok else 'FAILED'} (exit "
                   f"{run.returncode}, {run.seconds:.1f}s)\n{run.stdout.strip()[:300] or run.stderr[-1000:]}",
                   flush=True)
+            failed |= not ok
+            runs, compacted = long_session(claude, workdir, LONG_SESSION_CTX, 2, LONG_SESSION_TURNS, args.timeout)
+            refused = (Path(workdir) / "long" / "server.log").read_text(errors="replace").count("prompt is too long")
+            capped = sum("output token maximum" in r.stdout + r.stderr for r in runs)
+            ok = compacted >= 2 and not refused and all(
+                r.returncode == 0 or "output token maximum" in r.stdout + r.stderr for r in runs)
+            print(f"--- long session (--ctx {LONG_SESSION_CTX}, the one command, --continue): "
+                  f"{'ok' if ok else 'FAILED'}: {len(runs)} turns, {compacted} compactions, {refused} requests "
+                  f"refused as too long, {capped} turns whose reply outran the output cap", flush=True)
             failed |= not ok
     finally:
         stop_server(server)

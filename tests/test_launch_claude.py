@@ -48,14 +48,16 @@ def test_claude_runs_against_a_server_it_starts_and_stops_with_its_arguments_and
     port = free_port()
     done = launch(tmp_path, f"{bin_dir}{os.pathsep}{os.environ['PATH']}", port, "-p", "hello there", "--bare")
     assert done.returncode == 7, done.stderr
+    assert "--ctx 8192 or more is better" in done.stderr  # this server runs at 4096
     seen = json.loads(record.read_text())
     assert seen["argv"] == ["-p", "hello there", "--bare"] and seen["served"] == 200
     env = seen["env"]
     assert env["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{port}"
     assert env["ANTHROPIC_AUTH_TOKEN"] == "local" and "ANTHROPIC_API_KEY" not in env
     assert not env["ANTHROPIC_MODEL"].startswith("claude-")
-    assert env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "512"
-    assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == str(4096 + 11_700)
+    assert env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "256"
+    # it compacts at the window - 256 - 13,000: the context less 1,450 for its instruction and five answers
+    assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == str(4096 + 11_550 - 4 * 256)
     assert env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
     with pytest.raises(OSError):  # the server it started is gone with claude
         socket.create_connection(("127.0.0.1", port), timeout=2)
@@ -72,7 +74,7 @@ def test_a_server_already_answering_is_used_and_left_running(tmp_path, stand_in,
         assert env["ANTHROPIC_BASE_URL"] == running.url
         assert env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "300"  # the user's own setting wins
         # the window follows the running server's context (2048 here), not the flags
-        assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == str(2048 + 11_700)
+        assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == str(2048 + 11_550 - 4 * 300)
         socket.create_connection(("127.0.0.1", running.port), timeout=2).close()
     finally:
         running.stop()

@@ -74,6 +74,15 @@ def forced_logits(engine, prompt, answer=None, steps=24, fresh=False):
     return numpy.array(rows), fed, reused
 
 
+def assert_same_greedy_answer(logits, fresh):
+    """Greedy choices after reuse equal a fresh evaluation's wherever the fresh one is sure (a near
+    tie may flip with the order of the arithmetic), and it is sure often enough to mean something."""
+    top2 = numpy.sort(fresh, axis=1)[:, -2:]
+    sure = top2[:, 1] - top2[:, 0] > SURE_MARGIN
+    assert sure.sum() >= 8
+    assert (logits.argmax(axis=1) == fresh.argmax(axis=1))[sure].all()
+
+
 # a small cut on full attention is test_cache.py's everyday case; here the large one
 @pytest.mark.slow
 @pytest.mark.parametrize("model, cut_back", [("default", 900), ("gemma3", 64), ("gemma3", 900)], indirect=["model"],
@@ -93,10 +102,7 @@ def test_reuse_after_a_cut_answers_as_a_fresh_evaluation(model, cut_back):
         assert reused == 0  # the window layers no longer hold what the new tokens must see
     if reused == 0:
         assert (logits == fresh).all()  # evaluated afresh: the same arithmetic, bit for bit
-    top2 = numpy.sort(fresh, axis=1)[:, -2:]
-    sure = top2[:, 1] - top2[:, 0] > SURE_MARGIN
-    assert sure.sum() >= 8
-    assert (logits.argmax(axis=1) == fresh.argmax(axis=1))[sure].all()
+    assert_same_greedy_answer(logits, fresh)
 
 
 @pytest.mark.slow
@@ -119,10 +125,7 @@ def test_a_reply_longer_than_the_window_still_leaves_its_prompt_reusable(arch, m
     greedy(served, served._llm.tokenize(b"A side request about cats.", add_bos=True, special=False))
     logits, _, reused = forced_logits(served, turn, answer)
     assert reused == len(prompt) - CHECKPOINT_BACK
-    top2 = numpy.sort(fresh, axis=1)[:, -2:]
-    sure = top2[:, 1] - top2[:, 0] > SURE_MARGIN
-    assert sure.sum() >= 8
-    assert (logits.argmax(axis=1) == fresh.argmax(axis=1))[sure].all()
+    assert_same_greedy_answer(logits, fresh)
     served.close()
     reference.close()
 
@@ -158,9 +161,6 @@ def test_a_template_that_moves_the_tools_before_the_last_user_turn_gets_a_checkp
     fresh, answer, _ = forced_logits(reference, turn, fresh=True)
     logits, _, reused = forced_logits(served, turn, answer)
     assert reused == first.parts_at
-    top2 = numpy.sort(fresh, axis=1)[:, -2:]
-    sure = top2[:, 1] - top2[:, 0] > SURE_MARGIN
-    assert sure.sum() >= 8
-    assert (logits.argmax(axis=1) == fresh.argmax(axis=1))[sure].all()
+    assert_same_greedy_answer(logits, fresh)
     served.close()
     reference.close()
