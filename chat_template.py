@@ -9,10 +9,11 @@ its last one. Templates are third-party code: they run sandboxed (no attribute o
 pass), get the Jinja extensions and conventions real templates are written against (Hugging Face's
 `apply_chat_template`), and where one refuses a conversation the conversation is fitted to its
 rules (system text folded into a user turn, roles made to alternate, call arguments as strings)
-before it is refused with an `ApiError(400)`. A template that does not compile is logged and
-replaced by plain labelled turns: the server always starts. It never tokenizes, loads a model or
-touches I/O; `detect_reasoning` and `tool_calls.detect_format` read from the template source how
-the model writes reasoning and calls.
+before it is refused with an `ApiError(400)`. A template that does not compile, or cannot render a
+plain question, is logged and replaced by plain labelled turns: the server always starts and
+answers. One request's rendering stops at RENDER_SECONDS with an `ApiError(400)`. It never
+tokenizes, loads a model or touches I/O; `detect_reasoning` and `tool_calls.detect_format` read from
+the template source how the model writes reasoning and calls.
 """
 
 import collections.abc
