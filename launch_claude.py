@@ -66,7 +66,8 @@ def claude_environment(environ, base_url, token, model_id, n_ctx):
     # conversation may pass that point by one answer before it is compacted. The point leaves room for
     # that answer, the compaction request's instruction and its summary, which Claude Code continues
     # up to three times when it is cut at the cap (a small model's often is)
-    window = n_ctx - 5 * cap - COMPACT_INSTRUCTION + CLAUDE_COMPACT_MARGIN + cap
+    point = n_ctx - 5 * cap - COMPACT_INSTRUCTION
+    window = point + cap + CLAUDE_COMPACT_MARGIN
 
     ours = {
         "ANTHROPIC_MODEL": model_id,  # not claude-…: Claude Code then honours the context window below

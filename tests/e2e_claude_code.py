@@ -221,7 +221,7 @@ def run_until_it_ends(claude, base_url, prompt, flags, workdir, output_format="t
     for attempt in range(1, attempts + 1):
         run = run_claude(claude, base_url, prompt, flags, workdir, output_format, timeout, max_output_tokens,
                          home)
-        if "output token maximum" not in run.stdout + run.stderr:
+        if not outran_the_cap(run):
             break
     return run, attempt
 
@@ -381,13 +381,20 @@ def read_round_trip(claude, server_port, timeout=600, max_output_tokens=MAX_OUTP
     return run, calls, results
 
 
-def launcher_run(claude, workdir, home, prompt, timeout=600):
-    """`compat_server.py --port P claude -p PROMPT --bare`, as a user types it: the launcher starts its
-    own server (none answers on P), runs this `claude` with the environment it sets, and stops it."""
+def outran_the_cap(run):
+    """Claude Code gave up on a reply that did not end within the output cap and its three requests
+    to go on: the sampled model's doing (it sends no temperature, so 1.0), not the server's."""
+    return "output token maximum" in run.stdout + run.stderr
+
+
+def launcher_run(claude, workdir, home, claude_args, port=None, ctx=8192, timeout=600):
+    """`compat_server.py --port P --ctx CTX claude CLAUDE_ARGS…`, as a user types it: the launcher
+    starts its own server when none answers on P (a free port when None) and stops it afterwards, and
+    runs this `claude` with the environment it sets."""
     env = {k: v for k, v in claude_env(home, "").items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))}
     env["PATH"] = f"{Path(claude).parent}{os.pathsep}{env['PATH']}"
-    argv = [sys.executable, str(ROOT / "compat_server.py"), "--port", str(free_port()), "--ctx", "8192",
-            "--cache-dir", str(Path(workdir) / "launcher-cache"), "claude", "-p", prompt, "--bare"]
+    argv = [sys.executable, str(ROOT / "compat_server.py"), "--port", str(port or free_port()), "--ctx", str(ctx),
+            "--cache-dir", str(Path(workdir) / "launcher-cache"), "claude", *claude_args]
     started = time.monotonic()
     done = subprocess.run(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout)
@@ -412,24 +419,18 @@ def long_session(claude, workdir, ctx, least_compactions, most_turns, timeout=60
     home = make_home(Path(workdir) / "long-home")
     (Path(workdir) / "long").mkdir(exist_ok=True)
     server, port = start_server(ctx, Path(workdir) / "long")
-    env = {k: v for k, v in claude_env(home, "").items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))}
-    env["PATH"] = f"{Path(claude).parent}{os.pathsep}{env['PATH']}"
     runs = []
     try:
         for turn in range(most_turns):
             topic = LONG_SESSION_TOPICS[turn % len(LONG_SESSION_TOPICS)]
-            argv = [sys.executable, str(ROOT / "compat_server.py"), "--port", str(port), "--ctx", str(ctx),
-                    "claude", "-p", f"Write three paragraphs about {topic}.", "--bare",
-                    *(["--continue"] if turn else [])]
-            started = time.monotonic()
-            done = subprocess.run(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, timeout=timeout)
-            runs.append(Run(tuple(argv), done.returncode, done.stdout, done.stderr, time.monotonic() - started))
+            runs.append(launcher_run(claude, workdir, home, ["-p", f"Write three paragraphs about {topic}.",
+                                                              "--bare", *(["--continue"] if turn else [])],
+                                     port, ctx, timeout))
+            done = runs[-1]
             seen = compactions(home)
-            print(f"turn {turn + 1}: exit {done.returncode} in {runs[-1].seconds:.1f}s, {seen} compactions: "
+            print(f"turn {turn + 1}: exit {done.returncode} in {done.seconds:.1f}s, {seen} compactions: "
                   f"{(done.stdout.strip() or done.stderr.strip())[:100]!r}", flush=True)
-            if seen >= least_compactions or done.returncode != 0 and "output token maximum" not in (
-                    done.stdout + done.stderr):
+            if seen >= least_compactions or done.returncode != 0 and not outran_the_cap(done):
                 break
     finally:
         stop_server(server)
@@ -471,7 +472,7 @@ def main(argv=None):
             run, attempt = run_until_it_ends(claude, f"http://127.0.0.1:{port}", args.prompt, flags, workdir,
                                              output_format, args.timeout, home=home)
             try:
-                if args.allow_output_cap and "output token maximum" in run.stdout + run.stderr:
+                if args.allow_output_cap and outran_the_cap(run):
                     print(f"--- {output_format}: served, but the model did not stop within {MAX_OUTPUT_TOKENS} "
                           f"tokens ({attempt} attempts, last {run.seconds:.1f}s)", flush=True)
                     continue
@@ -487,7 +488,7 @@ def main(argv=None):
                   f"{run.seconds:.1f}s)\ncalls: {calls}\nresults: {[r[:200] for r in results]}", flush=True)
             failed |= not ok
         if args.profile == "bare":  # the idle server above is not the one the launcher finds: other port
-            run = launcher_run(claude, workdir, home, args.prompt, args.timeout)
+            run = launcher_run(claude, workdir, home, ["-p", args.prompt, "--bare"], timeout=args.timeout)
             ok = run.returncode == 0 and bool(run.stdout.strip())
             print(f"--- one command (compat_server.py claude -p …): {'ok' if ok else 'FAILED'} (exit "
                   f"{run.returncode}, {run.seconds:.1f}s)\n{run.stdout.strip()[:300] or run.stderr[-1000:]}",
@@ -495,9 +496,8 @@ def main(argv=None):
             failed |= not ok
             runs, compacted = long_session(claude, workdir, LONG_SESSION_CTX, 2, LONG_SESSION_TURNS, args.timeout)
             refused = (Path(workdir) / "long" / "server.log").read_text(errors="replace").count("prompt is too long")
-            capped = sum("output token maximum" in r.stdout + r.stderr for r in runs)
-            ok = compacted >= 2 and not refused and all(
-                r.returncode == 0 or "output token maximum" in r.stdout + r.stderr for r in runs)
+            capped = sum(map(outran_the_cap, runs))
+            ok = compacted >= 2 and not refused and all(r.returncode == 0 or outran_the_cap(r) for r in runs)
             print(f"--- long session (--ctx {LONG_SESSION_CTX}, the one command, --continue): "
                   f"{'ok' if ok else 'FAILED'}: {len(runs)} turns, {compacted} compactions, {refused} requests "
                   f"refused as too long, {capped} turns whose reply outran the output cap", flush=True)
