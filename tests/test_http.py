@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+import chat_template
 import compat_server
 from conftest import Running, ScriptedEngine, wait_until
 from chat_template import ChatTemplate
@@ -238,3 +239,15 @@ def test_the_access_log_says_what_each_answer_was(served, caplog):
     line = next(r.getMessage() for r in caplog.records if headers["request-id"] in r.getMessage())
     assert re.search(r'"POST /v1/messages" 200 [0-9.]+s req_\w+ \(\d+ prompt tokens, \d+ reused; [1-8] out, '
                      r'(end_turn|max_tokens)\)$', line), line
+
+
+def test_a_template_stuck_in_a_loop_is_a_400_in_anthropics_shape_and_the_server_goes_on(served, engine, monkeypatch):
+    looping = ChatTemplate("{% if messages[0].content != 'Hi' %}{% for i in range(100000) %}{% for j in range(100000) %}"
+                           "{% endfor %}{% endfor %}{% endif %}{{ messages[0].content }}", "", "")
+    monkeypatch.setattr(engine, "template", looping)
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.3)
+    body = {**BODY, "messages": [{"role": "user", "content": "Hello"}]}
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        message = assert_error(exchange(served, post(path, body)), 400, "invalid_request_error")
+        assert "did not finish rendering" in message
+    assert exchange(served, post("/v1/messages/count_tokens", BODY))[0] == 200
